@@ -1,0 +1,71 @@
+"""Container lifecycle activities, backend-agnostic."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.errors import backend_failure
+from mayfly.backends import BackendError, ContainerBackend, ContainerState
+from mayfly.models import ContainerExit, ContainerRef, ContainerSpec
+from mayfly.sealing import Sealer, SealingError
+
+
+class ContainerActivities:
+    def __init__(
+        self, backends: Mapping[str, ContainerBackend], sealer: Sealer, *, poll_interval_s: float = 1.0
+    ) -> None:
+        self._backends = backends
+        self._sealer = sealer
+        self._poll_interval_s = poll_interval_s
+
+    def _backend(self, pool: str) -> ContainerBackend:
+        try:
+            return self._backends[pool]
+        except KeyError:
+            raise ApplicationError(
+                f"this worker has no backend for pool {pool!r}", type="UnknownPool", non_retryable=True
+            ) from None
+
+    @activity.defn(name="containers.spawn")
+    async def spawn(self, spec: ContainerSpec) -> ContainerRef:
+        backend = self._backend(spec.pool)
+        try:
+            jit_config = self._sealer.open(spec.jit_config, context=spec.runner_name)
+        except SealingError as error:
+            raise ApplicationError(str(error), type="SealingError", non_retryable=True) from None
+        try:
+            record = await backend.spawn(
+                name=spec.name,
+                owner_workflow_id=spec.owner_workflow_id,
+                job_id=spec.job_id,
+                jit_config=jit_config,
+                max_lifetime_s=spec.max_lifetime_s,
+            )
+        except BackendError as error:
+            raise backend_failure(error) from None
+        return ContainerRef(pool=spec.pool, name=record.name, backend_id=record.backend_id)
+
+    @activity.defn(name="containers.wait_exit")
+    async def wait_exit(self, ref: ContainerRef) -> ContainerExit:
+        backend = self._backend(ref.pool)
+        while True:
+            try:
+                record = await backend.inspect(ref.name)
+            except BackendError as error:
+                raise backend_failure(error) from None
+            if record is None or record.state is not ContainerState.RUNNING:
+                return ContainerExit(exit_code=record.exit_code if record else None)
+            activity.heartbeat()
+            await asyncio.sleep(self._poll_interval_s)
+
+    @activity.defn(name="containers.terminate")
+    async def terminate(self, ref: ContainerRef) -> ContainerExit:
+        try:
+            record = await self._backend(ref.pool).terminate(ref.name)
+        except BackendError as error:
+            raise backend_failure(error) from None
+        return ContainerExit(exit_code=record.exit_code if record else None)

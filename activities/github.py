@@ -1,0 +1,107 @@
+"""GitHub runner registration activities."""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.errors import github_failure
+from mayfly.github import AlreadyExists, GitHubClient, GitHubError, JitConfig, RunnerBusy
+from mayfly.models import (
+    DeregisterOutcome,
+    MintedRunner,
+    MintRequest,
+    RunnerRef,
+    RunnerStatus,
+)
+from mayfly.sealing import Sealer
+
+
+class GitHubActivities:
+    def __init__(
+        self,
+        github: GitHubClient,
+        sealer: Sealer,
+        *,
+        first_poll_delay_s: float = 10.0,
+        poll_interval_s: float = 10.0,
+    ) -> None:
+        self._github = github
+        self._sealer = sealer
+        # Polling costs API budget; the in_progress webhook normally confirms registration first.
+        self._first_poll_delay_s = first_poll_delay_s
+        self._poll_interval_s = poll_interval_s
+
+    async def _mint(self, request: MintRequest) -> JitConfig:
+        try:
+            return await self._github.generate_jit_config(request.runner_name, request.labels)
+        except AlreadyExists:
+            pass
+        # A 409 on our deterministic name means an earlier try registered it and its response
+        # (with the only copy of the JIT config) was lost. A runner that never connected is
+        # useless without that config, so delete it and mint again.
+        existing = await self._github.find_runner(request.runner_name)
+        if existing is None:
+            raise ApplicationError(
+                f"runner {request.runner_name} reported as existing but not listed yet", type="RunnerNotListed"
+            )
+        if existing.online or existing.busy:
+            raise ApplicationError(
+                f"runner name {request.runner_name} is already in use by a connected runner",
+                type="RunnerNameInUse",
+                non_retryable=True,
+            )
+        await self._github.delete_runner(existing.id)
+        activity.logger.info("deleted never-connected runner %s after a 409, minting again", existing.name)
+        return await self._github.generate_jit_config(request.runner_name, request.labels)
+
+    @activity.defn(name="github.mint_runner")
+    async def mint_runner(self, request: MintRequest) -> MintedRunner:
+        try:
+            jit = await self._mint(request)
+        except GitHubError as error:
+            raise github_failure(error) from None
+        return MintedRunner(
+            runner_id=jit.runner.id,
+            runner_name=jit.runner.name,
+            jit_config=self._sealer.seal(jit.encoded_jit_config, context=request.runner_name),
+        )
+
+    @activity.defn(name="github.runner_status")
+    async def runner_status(self, ref: RunnerRef) -> RunnerStatus:
+        try:
+            runner = await self._github.find_runner(ref.runner_name)
+        except GitHubError as error:
+            raise github_failure(error) from None
+        if runner is None:
+            return RunnerStatus(exists=False)
+        return RunnerStatus(exists=True, online=runner.online, busy=runner.busy)
+
+    @activity.defn(name="github.wait_online")
+    async def wait_online(self, ref: RunnerRef) -> RunnerStatus:
+        """Poll until the runner is online, busy or gone; the webhook usually beats the first poll."""
+        await asyncio.sleep(self._first_poll_delay_s)
+        while True:
+            status = await self.runner_status(ref)
+            if status.online or status.busy or not status.exists:
+                return status
+            activity.heartbeat()
+            await asyncio.sleep(self._poll_interval_s)
+
+    @activity.defn(name="github.deregister_runner")
+    async def deregister_runner(self, ref: RunnerRef) -> DeregisterOutcome:
+        try:
+            runner_id = ref.runner_id
+            if runner_id is None:
+                runner = await self._github.find_runner(ref.runner_name)
+                if runner is None:
+                    return DeregisterOutcome.ABSENT
+                runner_id = runner.id
+            deleted = await self._github.delete_runner(runner_id)
+        except RunnerBusy:
+            return DeregisterOutcome.BUSY
+        except GitHubError as error:
+            raise github_failure(error) from None
+        return DeregisterOutcome.DELETED if deleted else DeregisterOutcome.ABSENT

@@ -1,0 +1,1 @@
+"""Mayfly: durable orchestration of ephemeral GitHub Actions runners."""

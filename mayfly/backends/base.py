@@ -1,0 +1,58 @@
+"""The small interface every container backend implements.
+
+Names are deterministic and unique per runner attempt; a backend must make `spawn` safe to
+call twice with the same name (adopt, do not duplicate) and `terminate` safe to call on a
+container that is already gone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+
+class ContainerState(StrEnum):
+    RUNNING = "running"
+    EXITED = "exited"
+    MISSING = "missing"
+
+
+@dataclass(frozen=True)
+class ContainerRecord:
+    name: str
+    backend_id: str
+    owner_workflow_id: str
+    job_id: int
+    state: ContainerState
+    exit_code: int | None = None
+
+
+class BackendError(Exception):
+    """A backend failure. `retryable` says whether trying again may help."""
+
+    retryable: bool = True
+
+
+class NameTakenByAnother(BackendError):
+    """The deterministic name is held by a container that belongs to another owner."""
+
+    retryable = False
+
+
+class ContainerBackend(Protocol):
+    async def spawn(
+        self, *, name: str, owner_workflow_id: str, job_id: int, jit_config: str, max_lifetime_s: float
+    ) -> ContainerRecord:
+        """Start the runner, or adopt the container this owner already started under `name`."""
+        ...
+
+    async def inspect(self, name: str) -> ContainerRecord | None: ...
+
+    async def terminate(self, name: str) -> ContainerRecord | None:
+        """Stop the container and return only once it is confirmed gone (None if it never existed)."""
+        ...
+
+    async def list(self) -> list[ContainerRecord]:
+        """Every container this backend knows about, running or recently exited."""
+        ...

@@ -1,0 +1,157 @@
+"""`mayfly`: the command line.
+
+  mayfly dev [--jobs N]     the embedded default: dev server, simulator, starter, worker, local runners
+  mayfly worker             run a worker against a Temporal cluster
+  mayfly starter            run the webhook starter (the URL GitHub calls)
+  mayfly status             show each pool's slots
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from temporalio.client import Client
+
+from mayfly.config import ConfigError, MayflySettings, load_settings
+from mayfly.models import SemaphoreStatus, semaphore_workflow_id
+from mayfly.temporal import connect
+
+log = logging.getLogger("mayfly")
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _dev(args: argparse.Namespace) -> int:
+    from mayfly.devserver import DevServer
+    from mayfly.embedded import EmbeddedStack
+
+    state_dir: Path = args.state_dir
+    stop = _stop_event()
+    server = DevServer(
+        db_file=state_dir / "temporal.db", port=args.temporal_port, ui_port=args.ui_port,
+        log_file=state_dir / "temporal.log",
+    )
+    print(f"starting Temporal dev server on {server.address} (log: {state_dir / 'temporal.log'})", flush=True)
+    client = await server.start()
+    stack = EmbeddedStack(
+        client, state_dir=state_dir, max_runners=args.max_runners,
+        simulator_port=args.simulator_port, starter_port=args.starter_port,
+    )
+    try:
+        await stack.start()
+        print(f"GitHub simulator : {stack.simulator.url}")
+        print(f"webhook starter  : {stack.starter_url}")
+        print(f"Temporal UI      : {server.ui_url}/namespaces/default/workflows")
+        job_ids = stack.queue_jobs(args.jobs, duration_s=args.job_seconds)
+        print(f"queued {len(job_ids)} demo jobs (pool cap {args.max_runners}): {job_ids}", flush=True)
+        waiter = asyncio.create_task(stack.wait_jobs_finished(job_ids, timeout=args.timeout))
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if waiter.done():
+            waiter.result()
+            for job_id in job_ids:
+                job = stack.simulator.job(job_id)
+                print(f"  job {job_id}: {job.conclusion} on {job.runner_name}")
+            print(f"all {len(job_ids)} jobs done; their workflows are Completed in the UI", flush=True)
+            if not args.exit_when_done:
+                print("Ctrl-C to stop", flush=True)
+                await stopper
+        else:
+            waiter.cancel()
+        stopper.cancel()
+        return 0
+    finally:
+        print("stopping...", flush=True)
+        await stack.stop()
+        server.stop()
+
+
+async def _status(settings: MayflySettings) -> int:
+    client: Client = await connect(settings.temporal)
+    for pool in settings.pools:
+        handle = client.get_workflow_handle(semaphore_workflow_id(pool.name))
+        try:
+            status = await handle.query("status", result_type=SemaphoreStatus)
+        except Exception as error:
+            print(f"{pool.name}: no semaphore yet ({type(error).__name__})")
+            continue
+        print(f"{pool.name}: {len(status.holders)}/{status.capacity} held, {len(status.waiters)} waiting")
+        for holder in status.holders:
+            print(f"  {holder.workflow_id}  held {holder.held_for_s:.0f}s")
+    return 0
+
+
+async def _starter(settings: MayflySettings) -> int:
+    from mayfly.serving import serve
+    from mayfly.starter import create_starter_app
+
+    client: Client | None = None
+
+    async def client_provider() -> Client:
+        nonlocal client
+        if client is None:
+            client = await connect(settings.temporal)
+        return client
+
+    stop = _stop_event()
+    server = await serve(
+        create_starter_app(settings, client_provider), host=settings.starter.host, port=settings.starter.port
+    )
+    print(f"webhook starter listening on {server.url}/webhook", flush=True)
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mayfly", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    dev = sub.add_parser("dev", help="run the embedded demo stack")
+    dev.add_argument("--jobs", type=int, default=5)
+    dev.add_argument("--max-runners", type=int, default=3)
+    dev.add_argument("--job-seconds", type=float, default=3.0)
+    dev.add_argument("--state-dir", type=Path, default=Path(".mayfly"))
+    dev.add_argument("--temporal-port", type=int, default=7233)
+    dev.add_argument("--ui-port", type=int, default=8233)
+    dev.add_argument("--simulator-port", type=int, default=9100)
+    dev.add_argument("--starter-port", type=int, default=8080)
+    dev.add_argument("--timeout", type=float, default=600.0)
+    dev.add_argument("--exit-when-done", action="store_true", help="stop once the demo jobs finish")
+    for name in ("worker", "starter", "status"):
+        command = sub.add_parser(name)
+        command.add_argument("--config", type=Path, help="TOML config file (or set MAYFLY_CONFIG)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.command == "dev":
+        return asyncio.run(_dev(args))
+    if args.command == "worker":
+        import worker
+
+        return worker.main(["--config", str(args.config)] if args.config else [])
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    with contextlib.suppress(KeyboardInterrupt):
+        if args.command == "starter":
+            return asyncio.run(_starter(settings))
+        return asyncio.run(_status(settings))
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Settings, validated once at start so a bad field fails loudly and by name."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
+
+
+class LocalBackendSettings(BaseModel):
+    kind: Literal["local"] = "local"
+    # The actions runner reads its JIT config from ACTIONS_RUNNER_INPUT_JITCONFIG, so the
+    # default is the real runner's entry point; the demo swaps in the simulated runner.
+    command: list[str] = Field(default_factory=lambda: ["./run.sh"], min_length=1)
+    workdir: Path | None = None
+    state_dir: Path = Path(".mayfly/local-backend")
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class ModalBackendSettings(BaseModel):
+    kind: Literal["modal"] = "modal"
+    app_name: str = "mayfly-runners"
+    environment: str | None = None
+    image: str | None = None
+    gpu: str | None = None
+    cpu: float | None = None
+    memory_mib: int | None = None
+    region: str | None = None
+    cloud: str | None = None
+
+
+BackendSettings = Annotated[LocalBackendSettings | ModalBackendSettings, Field(discriminator="kind")]
+
+
+class PoolSettings(BaseModel):
+    name: str
+    labels: list[str] = Field(min_length=1)
+    max_runners: int = Field(ge=0, le=10_000)
+    backend: BackendSettings = Field(default_factory=LocalBackendSettings)
+    registration_timeout_s: float = Field(default=120.0, gt=0)
+    max_registration_attempts: int = Field(default=3, ge=1)
+    # A runner that never gets a job, or one that runs too long, is reaped anyway so a
+    # stuck container cannot hold a slot forever.
+    idle_ttl_s: float = Field(default=300.0, gt=0)
+    max_lifetime_s: float = Field(default=6 * 3600.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_identifier(cls, value: str) -> str:
+        if not POOL_NAME.match(value):
+            raise ValueError("must be lowercase letters, digits and '-', at most 31 characters")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_not_blank(cls, value: list[str]) -> list[str]:
+        if any(not label.strip() for label in value):
+            raise ValueError("labels must not be blank")
+        return value
+
+    def serves(self, job_labels: list[str]) -> bool:
+        """GitHub matches a runner when the job's labels are a subset of the runner's (case-insensitive)."""
+        mine = {label.lower() for label in self.labels}
+        return all(label.lower() in mine for label in job_labels)
+
+
+class GitHubSettings(BaseModel):
+    api_url: str = "https://api.github.com"
+    repository: str | None = None
+    organization: str | None = None
+    token: SecretStr | None = None
+    webhook_secret: SecretStr | None = None
+    runner_group_id: int = Field(default=1, ge=1)
+    runner_name_prefix: str = Field(default="mayfly", pattern=r"^[a-z][a-z0-9]{0,15}$")
+    request_timeout_s: float = Field(default=10.0, gt=0, le=60)
+
+    @field_validator("api_url")
+    @classmethod
+    def _url_has_scheme(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("repository")
+    @classmethod
+    def _repo_is_owner_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[\w.-]+/[\w.-]+$", value):
+            raise ValueError("must look like 'owner/name'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> GitHubSettings:
+        if (self.repository is None) == (self.organization is None):
+            raise ValueError("set exactly one of github.repository or github.organization")
+        return self
+
+    @property
+    def runners_path(self) -> str:
+        if self.repository is not None:
+            return f"/repos/{self.repository}/actions/runners"
+        return f"/orgs/{self.organization}/actions/runners"
+
+
+class TemporalSettings(BaseModel):
+    address: str = "localhost:7233"
+    namespace: str = "default"
+    task_queue: str = "mayfly"
+
+
+class StarterSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=1_000_000, gt=0)
+
+
+class MayflySettings(BaseSettings):
+    """Loaded from the TOML file named by MAYFLY_CONFIG (if any), then MAYFLY_* env vars."""
+
+    model_config = SettingsConfigDict(env_prefix="MAYFLY_", env_nested_delimiter="__", extra="forbid")
+
+    github: GitHubSettings
+    temporal: TemporalSettings = Field(default_factory=TemporalSettings)
+    starter: StarterSettings = Field(default_factory=StarterSettings)
+    pools: list[PoolSettings] = Field(min_length=1)
+    # Seals JIT configs between activities so they never sit in workflow history in plaintext.
+    secret_key: SecretStr | None = None
+    semaphore_reap_interval_s: float = Field(default=20.0, gt=0)
+
+    @field_validator("pools")
+    @classmethod
+    def _unique_pool_names(cls, pools: list[PoolSettings]) -> list[PoolSettings]:
+        names = [pool.name for pool in pools]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"pool names must be unique, repeated: {', '.join(duplicates)}")
+        return pools
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get("MAYFLY_CONFIG")
+        if path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
+        return tuple(sources)
+
+    def pool(self, name: str) -> PoolSettings:
+        for pool in self.pools:
+            if pool.name == name:
+                return pool
+        raise KeyError(f"no pool named {name!r}")
+
+    def pool_for(self, job_labels: list[str]) -> PoolSettings | None:
+        """The first pool, in config order, whose labels cover the job's."""
+        return next((pool for pool in self.pools if pool.serves(job_labels)), None)
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for a human."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    lines = ["invalid Mayfly configuration:"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(root)"
+        lines.append(f"  {field}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(config_path: Path | None = None) -> MayflySettings:
+    if config_path is not None:
+        if not config_path.is_file():
+            raise ConfigError(f"config file not found: {config_path}")
+        os.environ["MAYFLY_CONFIG"] = str(config_path)
+    try:
+        return MayflySettings()  # type: ignore[call-arg]
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from None

@@ -1,0 +1,162 @@
+"""The embedded stack: simulator + webhook starter + worker + local backend in one process.
+
+`mayfly dev` runs it against a local Temporal dev server; the end-to-end tests run it against
+the test's dev server. Only the GitHub side is simulated; Temporal and the processes are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sys
+from pathlib import Path
+
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.worker import Worker
+
+from mayfly.backends.local import LocalProcessBackend
+from mayfly.config import (
+    GitHubSettings,
+    LocalBackendSettings,
+    MayflySettings,
+    PoolSettings,
+    StarterSettings,
+    TemporalSettings,
+)
+from mayfly.github import GitHubClient
+from mayfly.models import SemaphoreStatus, job_workflow_id, semaphore_workflow_id
+from mayfly.sealing import Sealer
+from mayfly.serving import RunningServer, serve
+from mayfly.starter import create_starter_app
+from simulator import FaultConfig, GitHubSimulator
+from worker import build_worker
+
+DEMO_POOL = "demo"
+DEMO_LABELS = ["self-hosted", "linux", "mayfly-demo"]
+SIMULATED_RUNNER = [sys.executable, "-m", "simulator.runner"]
+
+
+class EmbeddedStack:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        state_dir: Path,
+        max_runners: int = 3,
+        task_queue: str = "mayfly",
+        runner_command: list[str] | None = None,
+        runner_env: dict[str, str] | None = None,
+        registration_timeout_s: float = 60.0,
+        idle_ttl_s: float = 120.0,
+        max_lifetime_s: float = 600.0,
+        semaphore_reap_interval_s: float = 5.0,
+        simulator_port: int = 0,
+        starter_port: int = 0,
+        faults: FaultConfig | None = None,
+    ) -> None:
+        self.client = client
+        self._state_dir = state_dir
+        self._simulator_port = simulator_port
+        self._starter_port = starter_port
+        token = secrets.token_urlsafe(16)
+        webhook_secret = secrets.token_urlsafe(16)
+        self.simulator = GitHubSimulator(token=token, webhook_secret=webhook_secret, faults=faults)
+        self._pool = PoolSettings(
+            name=DEMO_POOL,
+            labels=DEMO_LABELS,
+            max_runners=max_runners,
+            backend=LocalBackendSettings(
+                command=runner_command or SIMULATED_RUNNER,
+                state_dir=state_dir / "local-backend",
+                env=runner_env or {},
+            ),
+            registration_timeout_s=registration_timeout_s,
+            idle_ttl_s=idle_ttl_s,
+            max_lifetime_s=max_lifetime_s,
+        )
+        self._token = token
+        self._webhook_secret = webhook_secret
+        self._task_queue = task_queue
+        self._reap_interval_s = semaphore_reap_interval_s
+        self.settings: MayflySettings | None = None
+        self.backend = LocalProcessBackend(self._pool.backend)  # type: ignore[arg-type]
+        self._github: GitHubClient | None = None
+        self._starter: RunningServer | None = None
+        self._worker: Worker | None = None
+        self._worker_task: asyncio.Task[None] | None = None
+
+    @property
+    def starter_url(self) -> str:
+        assert self._starter is not None
+        return f"{self._starter.url}/webhook"
+
+    async def start(self) -> None:
+        await self.simulator.start(port=self._simulator_port)
+        self.settings = MayflySettings(
+            github=GitHubSettings(
+                api_url=self.simulator.url,
+                repository=f"{self.simulator.owner}/{self.simulator.repo}",
+                token=self._token,  # type: ignore[arg-type]
+                webhook_secret=self._webhook_secret,  # type: ignore[arg-type]
+            ),
+            temporal=TemporalSettings(task_queue=self._task_queue),
+            starter=StarterSettings(port=self._starter_port),
+            pools=[self._pool],
+            semaphore_reap_interval_s=self._reap_interval_s,
+        )
+        client = self.client
+
+        async def client_provider() -> Client:
+            return client
+
+        self._starter = await serve(
+            create_starter_app(self.settings, client_provider), port=self._starter_port
+        )
+        self.simulator.webhook_url = self.starter_url
+        self._github = GitHubClient(self.settings.github)
+        self._worker = build_worker(
+            client,
+            self.settings,
+            github=self._github,
+            backends={DEMO_POOL: self.backend},
+            sealer=Sealer.ephemeral(),
+            registration_poll_s=1.0,
+            graceful_shutdown_s=5.0,
+        )
+        self._worker_task = asyncio.create_task(self._worker.run())
+
+    async def stop(self) -> None:
+        if self._starter is not None:
+            await self._starter.stop()
+        if self._worker is not None and self._worker_task is not None:
+            await self._worker.shutdown()
+            await self._worker_task
+        if self._github is not None:
+            await self._github.aclose()
+        await self.simulator.stop()
+        # The demo must not leave runner processes behind, whatever state the workflows reached.
+        for record in await self.backend.list():
+            await self.backend.terminate(record.name)
+
+    def queue_jobs(self, count: int, *, duration_s: float = 3.0) -> list[int]:
+        return [self.simulator.queue_job(DEMO_LABELS, duration_s=duration_s) for _ in range(count)]
+
+    async def wait_jobs_finished(self, job_ids: list[int], timeout: float) -> None:
+        """Until each job's workflow has closed (GitHub side done and its runner torn down)."""
+        await self.simulator.wait_for(
+            lambda: all(self.simulator.job(job_id).status == "completed" for job_id in job_ids),
+            timeout,
+            description="all jobs completed",
+        )
+        async with asyncio.timeout(timeout):
+            for job_id in job_ids:
+                await self.client.get_workflow_handle(job_workflow_id(job_id)).result()
+
+    async def job_workflow_status(self, job_id: int) -> WorkflowExecutionStatus | None:
+        description = await self.client.get_workflow_handle(job_workflow_id(job_id)).describe()
+        return description.status
+
+    async def semaphore_status(self) -> SemaphoreStatus:
+        handle = self.client.get_workflow_handle(semaphore_workflow_id(DEMO_POOL))
+        status: SemaphoreStatus = await handle.query("status", result_type=SemaphoreStatus)
+        return status

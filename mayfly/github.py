@@ -1,0 +1,184 @@
+"""A small typed client for GitHub's self-hosted runner endpoints.
+
+It makes one HTTP call per method and classifies failures; retrying is left to Temporal's
+activity retry policy, which is durable and visible in the UI.
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, Field
+
+from mayfly.config import GitHubSettings
+
+API_VERSION = "2022-11-28"
+
+
+class RunnerLabel(BaseModel):
+    name: str
+
+
+class Runner(BaseModel):
+    id: int
+    name: str
+    status: str
+    busy: bool
+    labels: list[RunnerLabel] = Field(default_factory=list)
+
+    @property
+    def online(self) -> bool:
+        return self.status == "online"
+
+
+class JitConfig(BaseModel):
+    runner: Runner
+    encoded_jit_config: str
+
+    def __repr__(self) -> str:
+        return f"JitConfig(runner={self.runner!r}, encoded_jit_config=<redacted>)"
+
+
+class GitHubError(Exception):
+    """A failed GitHub call. `retryable` tells whether trying again can help."""
+
+    def __init__(self, status: int | None, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retryable(self) -> bool:
+        if self.status is None:  # transport errors and timeouts
+            return True
+        if self.status in (408, 429) or self.status >= 500:
+            return True
+        # 403 is retryable only when GitHub says it is a rate limit.
+        return self.status == 403 and self.retry_after_s is not None
+
+
+class AlreadyExists(GitHubError):
+    pass
+
+
+class RunnerBusy(GitHubError):
+    pass
+
+
+def _retry_after(response: httpx.Response, now: float) -> float | None:
+    header = response.headers.get("retry-after")
+    if header:
+        try:
+            return max(0.0, float(header))
+        except ValueError:
+            try:
+                return max(0.0, parsedate_to_datetime(header).timestamp() - now)
+            except (TypeError, ValueError):
+                return None
+    if response.headers.get("x-ratelimit-remaining") == "0":
+        reset = response.headers.get("x-ratelimit-reset")
+        if reset and reset.isdigit():
+            return max(0.0, int(reset) - now)
+    return None
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body: Any = response.json()
+    except ValueError:
+        return response.text[:200]
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])
+    return response.text[:200]
+
+
+_HINTS = {
+    401: "the GitHub token is invalid or expired (github.token)",
+    403: "the token lacks permission: repo runners need administration:write, org runners "
+    "organization_self_hosted_runners:write",
+    404: "the repository/organization or runner group was not found, or the token cannot see it",
+}
+
+
+class GitHubClient:
+    def __init__(self, settings: GitHubSettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        if settings.token is None:
+            raise ValueError("github.token is required")
+        self._settings = settings
+        self._http = httpx.AsyncClient(
+            base_url=settings.api_url,
+            timeout=httpx.Timeout(settings.request_timeout_s, connect=5.0),
+            headers={
+                "Accept": "application/vnd.github+json",
+                "Authorization": f"Bearer {settings.token.get_secret_value()}",
+                "X-GitHub-Api-Version": API_VERSION,
+                "User-Agent": "mayfly",
+            },
+            transport=transport,
+        )
+        self.calls = 0
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        self.calls += 1
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as error:
+            raise GitHubError(None, f"{method} {path}: timed out ({type(error).__name__})") from None
+        except httpx.TransportError as error:
+            raise GitHubError(None, f"{method} {path}: {type(error).__name__}: {error}") from None
+        if response.is_success:
+            return response
+        message = f"{method} {path}: HTTP {response.status_code}: {_message(response)}"
+        hint = _HINTS.get(response.status_code)
+        retry_after = _retry_after(response, time.time())
+        if hint and not (response.status_code == 403 and retry_after is not None):
+            message = f"{message} ({hint})"
+        if response.status_code == 409:
+            raise AlreadyExists(409, message)
+        if response.status_code == 422 and "still running a job" in message:
+            raise RunnerBusy(422, message)
+        if response.status_code == 403 and "rate limit" in message.lower() and retry_after is None:
+            retry_after = 60.0  # GitHub's advice when a secondary limit gives no Retry-After
+        raise GitHubError(response.status_code, message, retry_after_s=retry_after)
+
+    async def generate_jit_config(self, name: str, labels: list[str]) -> JitConfig:
+        response = await self._request(
+            "POST",
+            f"{self._settings.runners_path}/generate-jitconfig",
+            json={"name": name, "runner_group_id": self._settings.runner_group_id, "labels": labels},
+        )
+        return JitConfig.model_validate(response.json())
+
+    async def find_runner(self, name: str) -> Runner | None:
+        response = await self._request("GET", self._settings.runners_path, params={"name": name})
+        runners = [Runner.model_validate(item) for item in response.json().get("runners", [])]
+        return next((runner for runner in runners if runner.name == name), None)
+
+    async def list_runners(self) -> list[Runner]:
+        runners: list[Runner] = []
+        page = 1
+        while True:
+            response = await self._request(
+                "GET", self._settings.runners_path, params={"per_page": 100, "page": page}
+            )
+            batch = [Runner.model_validate(item) for item in response.json().get("runners", [])]
+            runners.extend(batch)
+            if len(batch) < 100:
+                return runners
+            page += 1
+
+    async def delete_runner(self, runner_id: int) -> bool:
+        """True if deleted, False if it was already gone. Raises RunnerBusy while it runs a job."""
+        try:
+            await self._request("DELETE", f"{self._settings.runners_path}/{runner_id}")
+        except GitHubError as error:
+            if error.status == 404:
+                return False
+            raise
+        return True

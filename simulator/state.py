@@ -1,0 +1,499 @@
+"""Pure in-memory model of GitHub's side of self-hosted runners: runners, jobs, scheduler.
+
+Nothing here awaits. Every operation runs to completion inside one event-loop step, which
+is what makes e.g. "delete runner" atomic with respect to "assign job": they can never
+interleave. The HTTP layer (server.py) translates ``ApiError`` into GitHub error bodies.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel
+
+from simulator.jitconfig import JitConfig
+
+DEFAULT_GROUP_ID = 1
+DEFAULT_GROUP_NAME = "Default"
+
+# GitHub marks the labels it derives itself as read-only; everything a caller adds is custom.
+_READ_ONLY_LABELS = frozenset({"self-hosted", "linux", "windows", "macos", "x64", "arm", "arm64"})
+
+JobStatus = Literal["queued", "in_progress", "completed"]
+Conclusion = Literal["success", "failure", "cancelled", "skipped", "timed_out", "neutral", "action_required"]
+RunnerStatus = Literal["online", "offline"]
+
+
+class ApiError(Exception):
+    """A request the simulated GitHub refuses; ``status`` is the HTTP status it answers."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# Views: the shapes that leave the simulator (REST bodies, webhook payloads, python API).
+# ---------------------------------------------------------------------------------------------
+
+
+class LabelView(BaseModel):
+    id: int
+    name: str
+    type: Literal["read-only", "custom"]
+
+
+class RunnerView(BaseModel):
+    """A runner object exactly as GitHub's REST API returns it."""
+
+    id: int
+    name: str
+    os: str
+    status: RunnerStatus
+    busy: bool
+    ephemeral: bool
+    labels: list[LabelView]
+    runner_group_id: int
+
+
+class JobView(BaseModel):
+    """Compact job summary for tests and the /_sim API (not a GitHub shape)."""
+
+    id: int
+    run_id: int
+    name: str
+    labels: list[str]
+    status: JobStatus
+    conclusion: Conclusion | None
+    runner_id: int | None
+    runner_name: str | None
+    duration_s: float
+
+
+class StepView(BaseModel):
+    name: str
+    status: JobStatus
+    conclusion: Conclusion | None
+    number: int
+    started_at: datetime | None
+    completed_at: datetime | None
+
+
+class WorkflowJobView(BaseModel):
+    """``workflow_job`` as in the webhook payload and ``GET /actions/jobs/{id}``."""
+
+    id: int
+    run_id: int
+    run_attempt: int
+    name: str
+    workflow_name: str
+    head_branch: str
+    head_sha: str
+    labels: list[str]
+    status: JobStatus
+    conclusion: Conclusion | None
+    created_at: datetime
+    started_at: datetime
+    completed_at: datetime | None
+    runner_id: int | None
+    runner_name: str | None
+    runner_group_id: int | None
+    runner_group_name: str | None
+    steps: list[StepView]
+    url: str
+    html_url: str
+    run_url: str
+    check_run_url: str
+    node_id: str
+
+
+class OwnerView(BaseModel):
+    login: str
+    id: int
+    type: str
+
+
+class RepositoryView(BaseModel):
+    id: int
+    node_id: str
+    name: str
+    full_name: str
+    owner: OwnerView
+    private: bool
+    html_url: str
+
+
+class WorkflowJobEvent(BaseModel):
+    action: Literal["queued", "in_progress", "completed"]
+    workflow_job: WorkflowJobView
+    repository: RepositoryView
+    sender: OwnerView
+
+
+# ---------------------------------------------------------------------------------------------
+# Internal records.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Runner:
+    id: int
+    name: str
+    labels: list[str]
+    secret: str
+    status: RunnerStatus = "offline"
+    busy: bool = False
+    jit_used: bool = False
+    session_id: str | None = None
+    connected_seq: int = 0
+    last_seen: float = 0.0
+    job_id: int | None = None
+
+
+@dataclass
+class _Job:
+    id: int
+    run_id: int
+    name: str
+    workflow_name: str
+    labels: list[str]
+    duration_s: float
+    created_at: datetime
+    head_sha: str
+    status: JobStatus = "queued"
+    conclusion: Conclusion | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    runner_id: int | None = None
+    runner_name: str | None = None
+    steps: list[StepView] = field(default_factory=list)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _labels_match(job_labels: list[str], runner_labels: list[str]) -> bool:
+    # GitHub compares runs-on labels case-insensitively.
+    return {label.casefold() for label in job_labels} <= {label.casefold() for label in runner_labels}
+
+
+JobEventSink = Callable[[WorkflowJobEvent], None]
+
+
+class SimState:
+    """Runners, jobs and the scheduler that pairs them."""
+
+    def __init__(
+        self,
+        *,
+        owner: str,
+        repo: str,
+        agent_timeout_s: float,
+        on_job_event: JobEventSink,
+        on_change: Callable[[], None],
+    ) -> None:
+        self.owner = owner
+        self.repo = repo
+        self.agent_timeout_s = agent_timeout_s
+        self.api_base_url = "https://api.github.com"
+        self.repository_id = 700_000 + secrets.randbelow(100_000)
+        self._on_job_event = on_job_event
+        self._on_change = on_change
+        self._runners: dict[int, _Runner] = {}
+        # Ids of runners that existed once, so an agent can tell "deleted" (410) from a typo (404).
+        self._deleted_runner_ids: set[int] = set()
+        self._jobs: dict[int, _Job] = {}
+        self._label_ids: dict[str, int] = {}
+        self._next_runner_id = 1
+        self._next_job_id = 1000
+        self._next_run_id = 90_000
+        self._connect_seq = 0
+
+    # ----------------------------------------------------------------- views
+
+    def runner_view(self, runner_id: int) -> RunnerView:
+        return self._view(self._runner_or_404(runner_id))
+
+    def runner_views(self, name: str | None = None) -> list[RunnerView]:
+        return [self._view(r) for r in self._runners.values() if name is None or r.name == name]
+
+    def job_views(self) -> list[JobView]:
+        return [
+            JobView(
+                id=j.id,
+                run_id=j.run_id,
+                name=j.name,
+                labels=list(j.labels),
+                status=j.status,
+                conclusion=j.conclusion,
+                runner_id=j.runner_id,
+                runner_name=j.runner_name,
+                duration_s=j.duration_s,
+            )
+            for j in self._jobs.values()
+        ]
+
+    def workflow_job(self, job_id: int) -> WorkflowJobView:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, "Not Found")
+        return self._workflow_job(job)
+
+    def workflow_jobs(self) -> list[WorkflowJobView]:
+        return [self._workflow_job(j) for j in self._jobs.values()]
+
+    def repository_view(self) -> RepositoryView:
+        return RepositoryView(
+            id=self.repository_id,
+            node_id=f"R_sim{self.repository_id}",
+            name=self.repo,
+            full_name=f"{self.owner}/{self.repo}",
+            owner=OwnerView(login=self.owner, id=self.repository_id + 1, type="Organization"),
+            private=True,
+            html_url=f"https://github.com/{self.owner}/{self.repo}",
+        )
+
+    # ----------------------------------------------------------------- REST side
+
+    def create_jit_runner(self, name: str, labels: list[str]) -> tuple[_Runner, RunnerView]:
+        if any(r.name == name for r in self._runners.values()):
+            raise ApiError(409, f"Already exists - A runner with the name {name} already exists.")
+        runner = _Runner(
+            id=self._next_runner_id, name=name, labels=list(labels), secret=secrets.token_urlsafe(24)
+        )
+        self._next_runner_id += 1
+        self._runners[runner.id] = runner
+        self._on_change()
+        return runner, self._view(runner)
+
+    def delete_runner(self, runner_id: int) -> None:
+        runner = self._runner_or_404(runner_id)
+        if runner.busy:
+            raise ApiError(422, f'Bad request - Runner "{runner.name}" is still running a job"')
+        self._remove_runner(runner)
+
+    # ----------------------------------------------------------------- agent side
+
+    def agent_connect(self, config: JitConfig) -> _Runner:
+        runner = self._runners.get(config.agent_id)
+        if runner is None:
+            raise ApiError(404, f"Registration {config.agent_id} was not found.")
+        if not hmac.compare_digest(runner.secret.encode(), config.secret.encode()):
+            raise ApiError(401, "Invalid runner credentials.")
+        if runner.jit_used:
+            raise ApiError(409, "This JIT configuration has already been used.")
+        runner.jit_used = True
+        runner.session_id = secrets.token_urlsafe(16)
+        self._connect_seq += 1
+        runner.connected_seq = self._connect_seq
+        self._mark_online(runner)
+        self._on_change()
+        return runner
+
+    def agent_poll(self, runner_id: int, session_id: str) -> _Job | None:
+        runner = self._agent_runner(runner_id, session_id)
+        self._touch(runner)
+        return self._jobs[runner.job_id] if runner.job_id is not None else None
+
+    def agent_heartbeat(self, runner_id: int, session_id: str) -> None:
+        self._touch(self._agent_runner(runner_id, session_id))
+
+    def agent_complete(self, runner_id: int, session_id: str, job_id: int, conclusion: Conclusion) -> None:
+        runner = self._agent_runner(runner_id, session_id)
+        if runner.job_id != job_id:
+            raise ApiError(409, f"Job {job_id} is not assigned to runner {runner.name}.")
+        self._finish(self._jobs[job_id], conclusion)
+        # Ephemeral runners are de-registered by GitHub right after their one job.
+        self._remove_runner(runner)
+
+    def reap(self) -> None:
+        """Mark runners whose agent went silent offline; fail the job of a busy one."""
+        deadline = time.monotonic() - self.agent_timeout_s
+        for runner in [r for r in self._runners.values() if r.status == "online" and r.last_seen < deadline]:
+            runner.status = "offline"
+            if runner.job_id is not None:
+                self._finish(self._jobs[runner.job_id], "failure")
+                self._remove_runner(runner)
+            self._on_change()
+
+    # ----------------------------------------------------------------- jobs
+
+    def queue_job(
+        self, labels: list[str], duration_s: float, *, name: str = "build", workflow_name: str = "CI"
+    ) -> int:
+        now = _now()
+        job = _Job(
+            id=self._next_job_id,
+            run_id=self._next_run_id,
+            name=name,
+            workflow_name=workflow_name,
+            labels=list(labels),
+            duration_s=duration_s,
+            created_at=now,
+            head_sha=secrets.token_hex(20),
+        )
+        self._next_job_id += 1
+        self._next_run_id += 1
+        self._jobs[job.id] = job
+        self._emit("queued", job)
+        idle = [
+            r
+            for r in self._runners.values()
+            if r.status == "online" and not r.busy and _labels_match(job.labels, r.labels)
+        ]
+        if idle:
+            self._assign(min(idle, key=lambda r: r.connected_seq), job)
+        self._on_change()
+        return job.id
+
+    def cancel_job(self, job_id: int) -> None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, "Not Found")
+        if job.status == "completed":
+            raise ApiError(409, f"Job {job_id} has already completed.")
+        runner = self._runners.get(job.runner_id) if job.runner_id is not None else None
+        self._finish(job, "cancelled")
+        if runner is not None:
+            self._remove_runner(runner)
+        self._on_change()
+
+    # ----------------------------------------------------------------- internals
+
+    def _runner_or_404(self, runner_id: int) -> _Runner:
+        runner = self._runners.get(runner_id)
+        if runner is None:
+            raise ApiError(404, "Not Found")
+        return runner
+
+    def _agent_runner(self, runner_id: int, session_id: str) -> _Runner:
+        runner = self._runners.get(runner_id)
+        if runner is None:
+            if runner_id in self._deleted_runner_ids:
+                raise ApiError(410, "The runner registration has been deleted from the server.")
+            raise ApiError(404, f"Registration {runner_id} was not found.")
+        if runner.session_id is None or not hmac.compare_digest(runner.session_id, session_id):
+            raise ApiError(401, "Invalid runner session.")
+        return runner
+
+    def _touch(self, runner: _Runner) -> None:
+        runner.last_seen = time.monotonic()
+        if runner.status == "offline":
+            # The agent came back after being presumed dead; GitHub shows it online again.
+            self._mark_online(runner)
+            self._on_change()
+
+    def _mark_online(self, runner: _Runner) -> None:
+        runner.status = "online"
+        runner.last_seen = time.monotonic()
+        if runner.busy:
+            return
+        waiting = sorted(
+            (
+                j
+                for j in self._jobs.values()
+                if j.status == "queued" and _labels_match(j.labels, runner.labels)
+            ),
+            key=lambda j: j.id,
+        )
+        if waiting:
+            self._assign(runner, waiting[0])
+
+    def _assign(self, runner: _Runner, job: _Job) -> None:
+        runner.busy = True
+        runner.job_id = job.id
+        job.status = "in_progress"
+        job.started_at = _now()
+        job.runner_id = runner.id
+        job.runner_name = runner.name
+        job.steps = [
+            StepView(
+                name="Set up job",
+                status="in_progress",
+                conclusion=None,
+                number=1,
+                started_at=job.started_at,
+                completed_at=None,
+            )
+        ]
+        self._emit("in_progress", job)
+
+    def _finish(self, job: _Job, conclusion: Conclusion) -> None:
+        job.status = "completed"
+        job.conclusion = conclusion
+        job.completed_at = _now()
+        for step in job.steps:
+            step.status = "completed"
+            step.conclusion = step.conclusion or conclusion
+            step.completed_at = step.completed_at or job.completed_at
+        self._emit("completed", job)
+
+    def _remove_runner(self, runner: _Runner) -> None:
+        del self._runners[runner.id]
+        self._deleted_runner_ids.add(runner.id)
+        self._on_change()
+
+    def _emit(self, action: Literal["queued", "in_progress", "completed"], job: _Job) -> None:
+        self._on_job_event(
+            WorkflowJobEvent(
+                action=action,
+                workflow_job=self._workflow_job(job),
+                repository=self.repository_view(),
+                sender=OwnerView(login="sim-user", id=1, type="User"),
+            )
+        )
+
+    def _workflow_job(self, job: _Job) -> WorkflowJobView:
+        api_repo = f"{self.api_base_url}/repos/{self.owner}/{self.repo}"
+        assigned = job.runner_id is not None
+        return WorkflowJobView(
+            id=job.id,
+            run_id=job.run_id,
+            run_attempt=1,
+            name=job.name,
+            workflow_name=job.workflow_name,
+            head_branch="main",
+            head_sha=job.head_sha,
+            labels=list(job.labels),
+            status=job.status,
+            conclusion=job.conclusion,
+            created_at=job.created_at,
+            # GitHub fills started_at with the creation time while a job is still queued.
+            started_at=job.started_at or job.created_at,
+            completed_at=job.completed_at,
+            runner_id=job.runner_id,
+            runner_name=job.runner_name,
+            runner_group_id=DEFAULT_GROUP_ID if assigned else None,
+            runner_group_name=DEFAULT_GROUP_NAME if assigned else None,
+            steps=[s.model_copy() for s in job.steps],
+            url=f"{api_repo}/actions/jobs/{job.id}",
+            html_url=f"https://github.com/{self.owner}/{self.repo}/actions/runs/{job.run_id}/job/{job.id}",
+            run_url=f"{api_repo}/actions/runs/{job.run_id}",
+            check_run_url=f"{api_repo}/check-runs/{job.id}",
+            node_id=f"CR_sim{job.id}",
+        )
+
+    def _view(self, runner: _Runner) -> RunnerView:
+        return RunnerView(
+            id=runner.id,
+            name=runner.name,
+            os="linux",
+            status=runner.status,
+            busy=runner.busy,
+            ephemeral=True,
+            labels=[self._label(name) for name in runner.labels],
+            runner_group_id=DEFAULT_GROUP_ID,
+        )
+
+    def _label(self, name: str) -> LabelView:
+        label_id = self._label_ids.setdefault(name, len(self._label_ids) + 1)
+        kind: Literal["read-only", "custom"] = "read-only" if name in _READ_ONLY_LABELS else "custom"
+        return LabelView(id=label_id, name=name, type=kind)

@@ -1,0 +1,133 @@
+"""The Mayfly worker: runs the workflows and activities on one task queue.
+
+Run it as `python worker.py --config mayfly.toml` or `mayfly worker --config mayfly.toml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.worker import Worker
+
+from activities.containers import ContainerActivities
+from activities.github import GitHubActivities
+from activities.slots import SlotActivities
+from mayfly.backends import ContainerBackend
+from mayfly.backends.factory import build_backends
+from mayfly.config import ConfigError, MayflySettings, load_settings
+from mayfly.github import GitHubClient
+from mayfly.models import SemaphoreInput, semaphore_workflow_id
+from mayfly.sealing import Sealer
+from mayfly.temporal import connect
+from workflows.runner_job import RunnerJobWorkflow
+from workflows.slot_semaphore import SlotSemaphoreWorkflow
+
+log = logging.getLogger("mayfly.worker")
+
+
+def sealer_for(settings: MayflySettings) -> Sealer:
+    if settings.secret_key is None:
+        log.warning("secret_key is not set: using a per-process key; run one worker or set MAYFLY_SECRET_KEY")
+        return Sealer.ephemeral()
+    return Sealer.from_secret(settings.secret_key.get_secret_value())
+
+
+def build_worker(
+    client: Client,
+    settings: MayflySettings,
+    *,
+    github: GitHubClient,
+    backends: Mapping[str, ContainerBackend],
+    sealer: Sealer,
+    registration_poll_s: float = 10.0,
+    graceful_shutdown_s: float = 30.0,
+) -> Worker:
+    github_activities = GitHubActivities(
+        github, sealer, first_poll_delay_s=registration_poll_s, poll_interval_s=registration_poll_s
+    )
+    container_activities = ContainerActivities(backends, sealer)
+    slot_activities = SlotActivities(backends)
+    return Worker(
+        client,
+        task_queue=settings.temporal.task_queue,
+        workflows=[RunnerJobWorkflow, SlotSemaphoreWorkflow],
+        activities=[
+            github_activities.mint_runner,
+            github_activities.runner_status,
+            github_activities.wait_online,
+            github_activities.deregister_runner,
+            container_activities.spawn,
+            container_activities.wait_exit,
+            container_activities.terminate,
+            slot_activities.request,
+            slot_activities.reclaim_dead_holders,
+        ],
+        graceful_shutdown_timeout=timedelta(seconds=graceful_shutdown_s),
+    )
+
+
+async def sync_capacities(client: Client, settings: MayflySettings) -> None:
+    """Push each pool's configured cap to its semaphore, so a config change needs no restart of it."""
+    for pool in settings.pools:
+        await client.start_workflow(
+            SlotSemaphoreWorkflow.run,
+            SemaphoreInput(
+                pool=pool.name, capacity=pool.max_runners, reap_interval_s=settings.semaphore_reap_interval_s
+            ),
+            id=semaphore_workflow_id(pool.name),
+            task_queue=settings.temporal.task_queue,
+            start_signal="set_capacity",
+            start_signal_args=[pool.max_runners],
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
+
+
+async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
+    client = await connect(settings.temporal)
+    github = GitHubClient(settings.github)
+    try:
+        worker = build_worker(
+            client, settings, github=github, backends=build_backends(settings), sealer=sealer_for(settings)
+        )
+        async with worker:
+            await sync_capacities(client, settings)
+            log.info("worker polling task queue %s", settings.temporal.task_queue)
+            await stop.wait()
+            log.info("shutting down: finishing activities in flight")
+    finally:
+        await github.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mayfly worker", description=__doc__)
+    parser.add_argument("--config", type=Path, help="TOML config file (or set MAYFLY_CONFIG)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_worker(settings, stop)
+
+    asyncio.run(_main())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
