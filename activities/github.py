@@ -45,7 +45,8 @@ class GitHubActivities:
         existing = await self._github.find_runner(request.runner_name)
         if existing is None:
             raise ApplicationError(
-                f"runner {request.runner_name} reported as existing but not listed yet", type="RunnerNotListed"
+                f"runner {request.runner_name} reported as existing but not listed yet",
+                type="RunnerNotListed",
             )
         if existing.online or existing.busy:
             raise ApplicationError(

@@ -1,9 +1,9 @@
 """`mayfly`: the command line.
 
-  mayfly dev [--jobs N]     the embedded default: dev server, simulator, starter, worker, local runners
-  mayfly worker             run a worker against a Temporal cluster
-  mayfly starter            run the webhook starter (the URL GitHub calls)
-  mayfly status             show each pool's slots
+mayfly dev [--jobs N]     the embedded default: dev server, simulator, starter, worker, local runners
+mayfly worker             run a worker against a Temporal cluster
+mayfly starter            run the webhook starter (the URL GitHub calls)
+mayfly status             show each pool's slots
 """
 
 from __future__ import annotations
@@ -40,14 +40,19 @@ async def _dev(args: argparse.Namespace) -> int:
     state_dir: Path = args.state_dir
     stop = _stop_event()
     server = DevServer(
-        db_file=state_dir / "temporal.db", port=args.temporal_port, ui_port=args.ui_port,
+        db_file=state_dir / "temporal.db",
+        port=args.temporal_port,
+        ui_port=args.ui_port,
         log_file=state_dir / "temporal.log",
     )
     print(f"starting Temporal dev server on {server.address} (log: {state_dir / 'temporal.log'})", flush=True)
     client = await server.start()
     stack = EmbeddedStack(
-        client, state_dir=state_dir, max_runners=args.max_runners,
-        simulator_port=args.simulator_port, starter_port=args.starter_port,
+        client,
+        state_dir=state_dir,
+        max_runners=args.max_runners,
+        simulator_port=args.simulator_port,
+        starter_port=args.starter_port,
     )
     try:
         await stack.start()
@@ -56,7 +61,7 @@ async def _dev(args: argparse.Namespace) -> int:
         print(f"Temporal UI      : {server.ui_url}/namespaces/default/workflows")
         job_ids = stack.queue_jobs(args.jobs, duration_s=args.job_seconds)
         print(f"queued {len(job_ids)} demo jobs (pool cap {args.max_runners}): {job_ids}", flush=True)
-        waiter = asyncio.create_task(stack.wait_jobs_finished(job_ids, timeout=args.timeout))
+        waiter = asyncio.create_task(stack.wait_jobs_finished(job_ids, within_s=args.timeout))
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if waiter.done():
@@ -116,7 +121,9 @@ async def _starter(settings: MayflySettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mayfly", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mayfly", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     dev = sub.add_parser("dev", help="run the embedded demo stack")
     dev.add_argument("--jobs", type=int, default=5)

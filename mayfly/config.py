@@ -190,6 +190,6 @@ def load_settings(config_path: Path | None = None) -> MayflySettings:
             raise ConfigError(f"config file not found: {config_path}")
         os.environ["MAYFLY_CONFIG"] = str(config_path)
     try:
-        return MayflySettings()  # type: ignore[call-arg]
+        return MayflySettings()
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error)) from None

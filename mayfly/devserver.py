@@ -42,11 +42,21 @@ class DevServer:
     async def start(self, startup_timeout_s: float = 30.0) -> Client:
         self._db_file.parent.mkdir(parents=True, exist_ok=True)
         log = self._log_file.open("ab")
-        self._process = subprocess.Popen(
+        self._process = subprocess.Popen(  # noqa: ASYNC220 (fork/exec only; startup is awaited below)
             [
-                temporal_cli(), "server", "start-dev",
-                "--ip", "127.0.0.1", "--port", str(self.port), "--ui-port", str(self.ui_port),
-                "--db-filename", str(self._db_file), "--log-level", "warn",
+                temporal_cli(),
+                "server",
+                "start-dev",
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--ui-port",
+                str(self.ui_port),
+                "--db-filename",
+                str(self._db_file),
+                "--log-level",
+                "warn",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -57,7 +67,9 @@ class DevServer:
         deadline = loop.time() + startup_timeout_s
         while True:
             if self._process.poll() is not None:
-                raise RuntimeError(f"temporal dev server exited with {self._process.returncode}; see {self._log_file}")
+                raise RuntimeError(
+                    f"temporal dev server exited with {self._process.returncode}; see {self._log_file}"
+                )
             try:
                 return await Client.connect(self.address, data_converter=DATA_CONVERTER)
             except RuntimeError:

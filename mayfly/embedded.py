@@ -44,6 +44,7 @@ class EmbeddedStack:
         state_dir: Path,
         max_runners: int = 3,
         task_queue: str = "mayfly",
+        pool: str = DEMO_POOL,
         runner_command: list[str] | None = None,
         runner_env: dict[str, str] | None = None,
         registration_timeout_s: float = 60.0,
@@ -62,7 +63,7 @@ class EmbeddedStack:
         webhook_secret = secrets.token_urlsafe(16)
         self.simulator = GitHubSimulator(token=token, webhook_secret=webhook_secret, faults=faults)
         self._pool = PoolSettings(
-            name=DEMO_POOL,
+            name=pool,
             labels=DEMO_LABELS,
             max_runners=max_runners,
             backend=LocalBackendSettings(
@@ -96,8 +97,8 @@ class EmbeddedStack:
             github=GitHubSettings(
                 api_url=self.simulator.url,
                 repository=f"{self.simulator.owner}/{self.simulator.repo}",
-                token=self._token,  # type: ignore[arg-type]
-                webhook_secret=self._webhook_secret,  # type: ignore[arg-type]
+                token=self._token,
+                webhook_secret=self._webhook_secret,
             ),
             temporal=TemporalSettings(task_queue=self._task_queue),
             starter=StarterSettings(port=self._starter_port),
@@ -118,7 +119,7 @@ class EmbeddedStack:
             client,
             self.settings,
             github=self._github,
-            backends={DEMO_POOL: self.backend},
+            backends={self._pool.name: self.backend},
             sealer=Sealer.ephemeral(),
             registration_poll_s=1.0,
             graceful_shutdown_s=5.0,
@@ -141,14 +142,14 @@ class EmbeddedStack:
     def queue_jobs(self, count: int, *, duration_s: float = 3.0) -> list[int]:
         return [self.simulator.queue_job(DEMO_LABELS, duration_s=duration_s) for _ in range(count)]
 
-    async def wait_jobs_finished(self, job_ids: list[int], timeout: float) -> None:
+    async def wait_jobs_finished(self, job_ids: list[int], within_s: float) -> None:
         """Until each job's workflow has closed (GitHub side done and its runner torn down)."""
         await self.simulator.wait_for(
             lambda: all(self.simulator.job(job_id).status == "completed" for job_id in job_ids),
-            timeout,
+            within_s,
             description="all jobs completed",
         )
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within_s):
             for job_id in job_ids:
                 await self.client.get_workflow_handle(job_workflow_id(job_id)).result()
 
@@ -157,6 +158,6 @@ class EmbeddedStack:
         return description.status
 
     async def semaphore_status(self) -> SemaphoreStatus:
-        handle = self.client.get_workflow_handle(semaphore_workflow_id(DEMO_POOL))
+        handle = self.client.get_workflow_handle(semaphore_workflow_id(self._pool.name))
         status: SemaphoreStatus = await handle.query("status", result_type=SemaphoreStatus)
         return status

@@ -104,7 +104,9 @@ _HINTS = {
 
 
 class GitHubClient:
-    def __init__(self, settings: GitHubSettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self, settings: GitHubSettings, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
         if settings.token is None:
             raise ValueError("github.token is required")
         self._settings = settings

@@ -83,7 +83,9 @@ def _answer(status: int, message: str, **extra: object) -> JSONResponse:
 class WebhookStarter:
     def __init__(self, settings: MayflySettings, client_provider: ClientProvider) -> None:
         if settings.github.webhook_secret is None:
-            raise ConfigError("github.webhook_secret: required; the starter will not accept unsigned webhooks")
+            raise ConfigError(
+                "github.webhook_secret: required; the starter will not accept unsigned webhooks"
+            )
         self._settings = settings
         self._secret = settings.github.webhook_secret.get_secret_value().encode()
         self._client_provider = client_provider
@@ -151,7 +153,7 @@ class WebhookStarter:
             log.info("job %s labels %s match no pool; ignored", job.id, job.labels)
             return _answer(202, "no pool serves these labels")
         event = JobEvent(
-            action=payload.action,  # type: ignore[arg-type]
+            action=payload.action,
             job_id=job.id,
             runner_name=job.runner_name,
             conclusion=job.conclusion,

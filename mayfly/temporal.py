@@ -12,6 +12,4 @@ DATA_CONVERTER: DataConverter = pydantic_data_converter
 
 
 async def connect(settings: TemporalSettings) -> Client:
-    return await Client.connect(
-        settings.address, namespace=settings.namespace, data_converter=DATA_CONVERTER
-    )
+    return await Client.connect(settings.address, namespace=settings.namespace, data_converter=DATA_CONVERTER)

@@ -31,7 +31,7 @@ async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with GitHubSimulator(
+    sim = GitHubSimulator(
         owner=args.owner,
         repo=args.repo,
         token=args.token,
@@ -39,9 +39,13 @@ async def _serve(args: argparse.Namespace) -> None:
         webhook_secret=args.webhook_secret,
         faults=faults,
         agent_timeout_s=args.agent_timeout,
-    ) as sim:
+    )
+    await sim.start(args.host, args.port)
+    try:
         print(f"GitHub simulator listening on {sim.url} (repo {args.owner}/{args.repo})", flush=True)
         await stop.wait()
+    finally:
+        await sim.stop()
 
 
 def main() -> None:

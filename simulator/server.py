@@ -173,6 +173,10 @@ class AgentCompleteRequest(BaseModel):
     conclusion: Conclusion = "success"
 
 
+class WebhookTarget(BaseModel):
+    url: str | None
+
+
 class SimStats(BaseModel):
     calls: dict[str, int]
     status_codes: dict[str, int]
@@ -370,8 +374,6 @@ class GitHubSimulator:
             on_change=self._notify,
         )
         self._webhooks.url = webhook_url
-        self._faults = FaultConfig()
-        self._rng = self._faults.api_rng()
         self.set_faults(faults or FaultConfig())
         self.app = self._build_app()
 
@@ -611,6 +613,7 @@ class GitHubSimulator:
             return _error(404, "Not Found")
         if counted:
             self._rate_used += 1
+        # Snapshot: one request sees one fault config even if a test swaps it mid-request.
         faults, rng = self._faults, self._rng
         if counted and rng.random() < faults.rate_limit_rate:
             limited = _error(
@@ -665,10 +668,9 @@ class GitHubSimulator:
         return _json(JitConfigResponse(runner=view, encoded_jit_config=encoded), 201)
 
     async def _h_list_runners(self, request: Request) -> Response:
-        name = request.query_params.get("name")
-        page, headers = _paginate(request, self.state.runner_views(name))
-        total = len(self.state.runner_views(name))
-        return _json(RunnerList(total_count=total, runners=page), headers=headers)
+        matching = self.state.runner_views(request.query_params.get("name"))
+        page, headers = _paginate(request, matching)
+        return _json(RunnerList(total_count=len(matching), runners=page), headers=headers)
 
     async def _h_get_runner(self, request: Request) -> Response:
         return _json(self.state.runner_view(int(request.path_params["runner_id"])))
@@ -777,6 +779,11 @@ class GitHubSimulator:
     async def _a_get_faults(self, request: Request) -> Response:
         return _json(self._faults)
 
+    async def _a_set_webhook(self, request: Request) -> Response:
+        # For a standalone simulator whose receiver starts later (the python API uses the attribute).
+        self.webhook_url = (await _parse(request, WebhookTarget)).url
+        return _json(WebhookTarget(url=self.webhook_url))
+
     async def _a_deliveries(self, request: Request) -> Response:
         return JSONResponse([d.model_dump(mode="json") for d in self.deliveries()])
 
@@ -878,6 +885,7 @@ class GitHubSimulator:
             Route("/_sim/runners", self._a_runners, methods=["GET"]),
             Route("/_sim/faults", self._a_set_faults, methods=["POST"]),
             Route("/_sim/faults", self._a_get_faults, methods=["GET"]),
+            Route("/_sim/webhook", self._a_set_webhook, methods=["POST"]),
             Route("/_sim/deliveries", self._a_deliveries, methods=["GET"]),
             Route("/_sim/deliveries/{delivery_id}/redeliver", self._a_redeliver, methods=["POST"]),
             Route("/_sim/ping", self._a_ping, methods=["POST"]),
@@ -895,7 +903,10 @@ class GitHubSimulator:
         async def on_http_error(request: Request, exc: Exception) -> Response:
             assert isinstance(exc, HTTPException)
             message = "Not Found" if exc.status_code == 404 else str(exc.detail)
-            return _error(exc.status_code, message, "https://docs.github.com/rest")
+            response = _error(exc.status_code, message, "https://docs.github.com/rest")
+            if not request.url.path.startswith("/_sim/"):
+                response.headers.update(self._rate_headers())
+            return response
 
         return Starlette(
             routes=routes,

@@ -147,10 +147,10 @@ class WebhookSender:
             self._on_change()
             return
         copies = 2 if not item.manual and self._rng.random() < self._faults.webhook_duplicate_rate else 1
-        for _ in range(copies):
-            await self._post(item)
+        for copy in range(copies):
+            await self._post(item, last=copy == copies - 1)
 
-    async def _post(self, item: _Outgoing) -> None:
+    async def _post(self, item: _Outgoing, *, last: bool = True) -> None:
         record = item.record
         record.attempts += 1
         url = self.url
@@ -180,4 +180,7 @@ class WebhookSender:
             ok = response.is_success
             record.state = "delivered" if ok else "failed"
             record.error = None if ok else f"receiver answered {response.status_code}"
+        if not last:
+            # A duplicate is still to come; "pending" keeps waiters from seeing a settled record.
+            record.state = "pending"
         self._on_change()

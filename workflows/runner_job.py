@@ -134,9 +134,9 @@ class RunnerJobWorkflow:
         self._phase = phase
         workflow.set_current_details(f"**{phase.value}**: {details}")
 
-    def _result(self, outcome: Literal["served", "served-elsewhere", "cancelled-before-start", "gave-up"]) -> (
-        RunnerJobResult
-    ):
+    def _result(
+        self, outcome: Literal["served", "served-elsewhere", "cancelled-before-start", "gave-up"]
+    ) -> RunnerJobResult:
         return RunnerJobResult(
             job_id=self._params.job.job_id,
             served_by=self._served_by,
@@ -261,7 +261,9 @@ class RunnerJobWorkflow:
             self._set_phase(JobPhase.REGISTERING, f"`{track.name}` to come online")
             if not await self._confirm_registration(track, minted, exit_task):
                 self._failures += 1
-                self._last_error = f"{track.name} did not come online within {params.registration_timeout_s:.0f}s"
+                self._last_error = (
+                    f"{track.name} did not come online within {params.registration_timeout_s:.0f}s"
+                )
                 return
             self._set_phase(JobPhase.RUNNING, f"`{track.name}` is online")
             await self._wait_until_runner_done(track, exit_task, spawned_at)
@@ -287,7 +289,7 @@ class RunnerJobWorkflow:
                 timeout=timeout,
                 timeout_summary="registration timeout",
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         if poll.done() and not poll.cancelled() and poll.exception() is None:
             status = poll.result()
@@ -319,11 +321,11 @@ class RunnerJobWorkflow:
             seen = self._events_seen
             try:
                 await workflow.wait_condition(
-                    lambda: exit_task.done() or surplus() or self._events_seen != seen,
+                    lambda seen=seen: exit_task.done() or surplus() or self._events_seen != seen,  # type: ignore[misc]
                     timeout=remaining,
                     timeout_summary="runner idle/lifetime limit",
                 )
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _teardown(
@@ -353,7 +355,7 @@ class RunnerJobWorkflow:
                     await workflow.wait_condition(
                         exit_task.done, timeout=remaining, timeout_summary="busy runner to finish"
                     )
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         if exit_task is not None:
             await _cancel_quietly(exit_task)

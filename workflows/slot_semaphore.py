@@ -7,7 +7,6 @@ its grant is sent, so the cap counts every slot that might be in use.
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
@@ -149,5 +148,5 @@ class SlotSemaphoreWorkflow:
                     timeout=(next_reap - workflow.now()) if self._s.holders else None,
                     timeout_summary="check holders are alive",
                 )
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass

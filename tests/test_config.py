@@ -1,0 +1,77 @@
+"""Configuration fails at start, naming the bad field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mayfly.config import ConfigError, MayflySettings, load_settings
+
+GOOD = """
+[github]
+repository = "acme/widgets"
+token = "ghp_example"
+webhook_secret = "s3cret"
+
+[[pools]]
+name = "gpu"
+labels = ["self-hosted", "linux", "gpu"]
+max_runners = 4
+
+[[pools]]
+name = "cpu"
+labels = ["self-hosted", "linux"]
+max_runners = 10
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "mayfly.toml"
+    path.write_text(text)
+    return path
+
+
+def test_toml_loads_and_routes_jobs_to_the_first_matching_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MAYFLY_CONFIG", raising=False)
+    settings = load_settings(write(tmp_path, GOOD))
+    assert [pool.name for pool in settings.pools] == ["gpu", "cpu"]
+    assert settings.pool_for(["self-hosted", "GPU"]) is settings.pools[0]
+    assert settings.pool_for(["linux"]) is settings.pools[0]
+    assert settings.pool_for(["self-hosted", "windows"]) is None
+    assert settings.github.runners_path == "/repos/acme/widgets/actions/runners"
+    assert "ghp_example" not in repr(settings)
+
+
+def test_env_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAYFLY_TEMPORAL__ADDRESS", "temporal.internal:7233")
+    settings = load_settings(write(tmp_path, GOOD))
+    assert settings.temporal.address == "temporal.internal:7233"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (("max_runners = 4", "max_runners = -1"), "pools.0.max_runners"),
+        (('name = "gpu"', 'name = "GPU pool"'), "pools.0.name"),
+        (('repository = "acme/widgets"', 'repository = "acme"'), "github.repository"),
+        (('labels = ["self-hosted", "linux", "gpu"]', "labels = []"), "pools.0.labels"),
+        (('name = "cpu"', 'name = "gpu"'), "pools"),
+    ],
+)
+def test_a_bad_field_is_named(tmp_path: Path, change: tuple[str, str], field: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(write(tmp_path, GOOD.replace(*change)))
+    assert f"  {field}:" in str(raised.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "absent.toml")
+
+
+def test_exactly_one_scope() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        MayflySettings(github={"repository": "a/b", "organization": "a"}, pools=[])

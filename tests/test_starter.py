@@ -1,0 +1,146 @@
+"""The webhook starter's front door: signatures, bad input, and Temporal being down."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from mayfly.config import ConfigError, GitHubSettings, MayflySettings, PoolSettings, TemporalSettings
+from mayfly.models import job_workflow_id
+from mayfly.starter import create_starter_app, signature_matches
+
+SECRET = "It's a Secret to Everybody"
+
+
+def settings(task_queue: str, secret: str | None = SECRET) -> MayflySettings:
+    return MayflySettings(
+        github=GitHubSettings(repository="acme/widgets", token="t", webhook_secret=secret),
+        temporal=TemporalSettings(task_queue=task_queue),
+        pools=[PoolSettings(name="cpu", labels=["self-hosted", "linux"], max_runners=2)],
+    )
+
+
+def sign(body: bytes, secret: str = SECRET) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def job_payload(job_id: int, action: str = "queued", labels: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "action": action,
+        "workflow_job": {
+            "id": job_id,
+            "run_id": 7,
+            "run_attempt": 1,
+            "name": "build",
+            "labels": labels or ["self-hosted"],
+            "runner_name": None,
+            "conclusion": None,
+            "status": action,
+        },
+        "repository": {"full_name": "acme/widgets"},
+    }
+
+
+def starter_client(client: Client, task_queue: str) -> httpx.AsyncClient:
+    async def provider() -> Client:
+        return client
+
+    app = create_starter_app(settings(task_queue), provider)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://starter")
+
+
+async def post(
+    http: httpx.AsyncClient, body: bytes, *, event: str = "workflow_job", signature: str | None
+) -> httpx.Response:
+    headers = {"X-GitHub-Event": event, "X-GitHub-Delivery": "d-1", "Content-Type": "application/json"}
+    if signature is not None:
+        headers["X-Hub-Signature-256"] = signature
+    return await http.post("/webhook", content=body, headers=headers)
+
+
+async def workflow_exists(client: Client, job_id: int) -> bool:
+    try:
+        await client.get_workflow_handle(job_workflow_id(job_id)).describe()
+    except RPCError as error:
+        assert error.status == RPCStatusCode.NOT_FOUND
+        return False
+    return True
+
+
+def test_signature_matches_githubs_test_vector() -> None:
+    expected = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+    assert signature_matches(SECRET.encode(), b"Hello, World!", expected)
+    assert not signature_matches(SECRET.encode(), b"Hello, World?", expected)
+    assert not signature_matches(SECRET.encode(), b"Hello, World!", expected.replace("sha256=", "sha1="))
+
+
+@pytest.mark.parametrize("signature", [None, "sha256=" + "0" * 64, "sha1=abc", "garbage"])
+async def test_bad_signature_is_401_and_starts_nothing(
+    client: Client, task_queue: str, signature: str | None
+) -> None:
+    job_id = 910_000 + (hash(signature) % 1000)
+    body = json.dumps(job_payload(job_id)).encode()
+    async with starter_client(client, task_queue) as http:
+        response = await post(http, body, signature=signature)
+    assert response.status_code == 401
+    assert not await workflow_exists(client, job_id)
+
+
+async def test_signed_queued_event_starts_one_workflow_even_when_redelivered(
+    client: Client, task_queue: str
+) -> None:
+    job_id = 920_001
+    body = json.dumps(job_payload(job_id)).encode()
+    async with starter_client(client, task_queue) as http:
+        first = await post(http, body, signature=sign(body))
+        again = await post(http, body, signature=sign(body))
+    assert (first.status_code, again.status_code) == (200, 200)
+    handle = client.get_workflow_handle(job_workflow_id(job_id))
+    description = await handle.describe()
+    runs = [w async for w in client.list_workflows(f"WorkflowId = '{job_workflow_id(job_id)}'")]
+    assert len(runs) == 1
+    assert description.task_queue == task_queue
+    await handle.terminate("test cleanup: no worker serves this queue")
+
+
+async def test_bad_input_gets_a_clear_answer(client: Client, task_queue: str) -> None:
+    async with starter_client(client, task_queue) as http:
+        not_json = b"{nope"
+        assert (await post(http, not_json, signature=sign(not_json))).status_code == 400
+        missing = json.dumps({"action": "queued", "repository": {"full_name": "a/b"}}).encode()
+        response = await post(http, missing, signature=sign(missing))
+        assert response.status_code == 400 and response.json()["field"] == "workflow_job"
+        ping = b"{}"
+        assert (await post(http, ping, event="ping", signature=sign(ping))).status_code == 200
+        other = json.dumps({"action": "opened"}).encode()
+        assert (await post(http, other, event="issues", signature=sign(other))).status_code == 202
+        unmatched = json.dumps(job_payload(930_001, labels=["gpu-a100"])).encode()
+        assert (await post(http, unmatched, signature=sign(unmatched))).status_code == 202
+    assert not await workflow_exists(client, 930_001)
+
+
+async def test_temporal_unreachable_is_503(task_queue: str) -> None:
+    async def unreachable() -> Client:
+        raise RuntimeError("connection refused")
+
+    app = create_starter_app(settings(task_queue), unreachable)
+    body = json.dumps(job_payload(940_001)).encode()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://starter") as http:
+        assert (await post(http, body, signature=sign(body))).status_code == 503
+        assert (await http.get("/readyz")).status_code == 503
+        assert (await http.get("/healthz")).status_code == 200
+
+
+def test_starter_refuses_to_run_without_a_secret(task_queue: str) -> None:
+    async def provider() -> Client:
+        raise AssertionError("not called")
+
+    with pytest.raises(ConfigError, match="webhook_secret"):
+        create_starter_app(settings(task_queue, secret=None), provider)
