@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sys
+import time
 from pathlib import Path
 
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -61,7 +62,12 @@ class EmbeddedStack:
         self._starter_port = starter_port
         token = secrets.token_urlsafe(16)
         webhook_secret = secrets.token_urlsafe(16)
-        self.simulator = GitHubSimulator(token=token, webhook_secret=webhook_secret, faults=faults)
+        # GitHub job ids are unique for ever; a fresh range per stack keeps that true across demo
+        # runs that share one Temporal database, and across tests that share one dev server.
+        first_job_id = int(time.time() * 1000) % 10**12 * 10
+        self.simulator = GitHubSimulator(
+            token=token, webhook_secret=webhook_secret, faults=faults, first_job_id=first_job_id
+        )
         self._pool = PoolSettings(
             name=pool,
             labels=DEMO_LABELS,

@@ -344,6 +344,7 @@ class GitHubSimulator:
         webhook_secret: str = "sim-secret",
         faults: FaultConfig | None = None,
         agent_timeout_s: float = 10.0,
+        first_job_id: int = 1000,
     ) -> None:
         self.owner = owner
         self.repo = repo
@@ -364,6 +365,7 @@ class GitHubSimulator:
             owner=owner,
             repo=repo,
             agent_timeout_s=agent_timeout_s,
+            first_job_id=first_job_id,
             on_job_event=self._on_job_event,
             on_change=self._notify,
         )

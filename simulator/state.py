@@ -199,6 +199,7 @@ class SimState:
         agent_timeout_s: float,
         on_job_event: JobEventSink,
         on_change: Callable[[], None],
+        first_job_id: int = 1000,
     ) -> None:
         self.owner = owner
         self.repo = repo
@@ -213,7 +214,7 @@ class SimState:
         self._jobs: dict[int, _Job] = {}
         self._label_ids: dict[str, int] = {}
         self._next_runner_id = 1
-        self._next_job_id = 1000
+        self._next_job_id = first_job_id
         self._next_run_id = 90_000
         self._connect_seq = 0
 
