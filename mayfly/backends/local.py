@@ -49,13 +49,26 @@ def _start_ticks(pid: int) -> int | None:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs; zombies do not count, they only await reaping."""
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_path.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def _reap(pid: int) -> int | None:
+    """Collect the exit code if `pid` is our child and has exited (so it leaves no zombie)."""
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    if reaped == 0:
+        return None
+    return os.waitstatus_to_exitcode(status)
 
 
 class LocalProcessBackend:
@@ -63,8 +76,10 @@ class LocalProcessBackend:
         self._settings = settings
         self._state_dir = settings.state_dir
         self._state_dir.mkdir(parents=True, exist_ok=True)
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Held only so Popen's finaliser never reaps a child behind our back (it would take
+        # the exit code with it); _reap() collects them.
+        self._popens: dict[int, subprocess.Popen[bytes]] = {}
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
@@ -84,11 +99,10 @@ class LocalProcessBackend:
         tmp.replace(self._path(record.name))
 
     def _alive(self, record: _Record) -> bool:
-        child = self._children.get(record.pid)
-        if child is not None and child.poll() is not None:
-            # Reap our own child so it does not linger as a zombie in its process group.
-            record.exit_code = child.returncode
-            del self._children[record.pid]
+        exit_code = _reap(record.pid)
+        if exit_code is not None:
+            record.exit_code = exit_code
+            self._popens.pop(record.pid, None)
         leader_alive = _start_ticks(record.pid) == record.start_ticks
         return leader_alive or _group_alive(record.pid)
 
@@ -136,8 +150,8 @@ class LocalProcessBackend:
                 raise BackendError(f"cannot start {self._settings.command[0]!r}: {error}") from error
             finally:
                 log.close()
+            self._popens[child.pid] = child
             ticks = _start_ticks(child.pid)
-            self._children[child.pid] = child
             record = _Record(
                 name=name,
                 pid=child.pid,
