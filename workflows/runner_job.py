@@ -20,9 +20,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from activities.containers import ContainerActivities
     from activities.github import GitHubActivities
-    from activities.slots import SlotActivities
     from mayfly.models import (
-        AcquireRequest,
         ContainerExit,
         ContainerRef,
         ContainerSpec,
@@ -31,17 +29,15 @@ with workflow.unsafe.imports_passed_through():
         JobPhase,
         MintedRunner,
         MintRequest,
-        ReleaseRequest,
         RunnerJobInput,
         RunnerJobResult,
         RunnerJobState,
         RunnerRef,
         RunnerStatus,
         SlotGrant,
-        SlotRequest,
         runner_name_for,
-        semaphore_workflow_id,
     )
+    from workflows.slot_lease import SlotLease
 
 # GitHub calls: short per-call timeouts, backoff capped so a 502 burst costs seconds, not minutes.
 GITHUB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
@@ -76,8 +72,7 @@ class RunnerJobWorkflow:
         self._params = params
         self._job_status: Literal["queued", "in_progress", "completed"] = "queued"
         self._served_by: str | None = None
-        self._granted = False
-        self._request_id = ""
+        self._lease = SlotLease(params.job.pool, params.capacity, params.semaphore_reap_interval_s)
         self._phase = JobPhase.QUEUED
         self._runner: _RunnerTrack | None = None
         self._spawned = 0
@@ -107,8 +102,7 @@ class RunnerJobWorkflow:
 
     @workflow.signal(name="slot_granted")
     def slot_granted(self, grant: SlotGrant) -> None:
-        if grant.request_id == self._request_id:
-            self._granted = True
+        self._lease.on_grant(grant)
 
     @workflow.query
     def state(self) -> RunnerJobState:
@@ -118,7 +112,7 @@ class RunnerJobWorkflow:
             phase=self._phase,
             job_status=self._job_status,
             served_by=self._served_by,
-            slot_held=self._granted,
+            slot_held=self._lease.granted,
             current_runner=self._runner.name if self._runner else None,
             runners_spawned=self._spawned,
             registration_failures=self._failures,
@@ -147,35 +141,13 @@ class RunnerJobWorkflow:
 
     @workflow.run
     async def run(self, params: RunnerJobInput) -> RunnerJobResult:
-        info = workflow.info()
-        self._request_id = f"{info.workflow_id}/{info.run_id}"
         job = params.job
         if not self._job_needs_runner():
             self._set_phase(JobPhase.DONE, "the job was already taken or finished when this workflow started")
             return self._result("served-elsewhere")
         try:
             self._set_phase(JobPhase.WAITING_FOR_SLOT, f"a slot in pool `{job.pool}`")
-            await workflow.execute_local_activity_method(
-                SlotActivities.request,
-                SlotRequest(
-                    pool=job.pool,
-                    capacity=params.capacity,
-                    reap_interval_s=params.semaphore_reap_interval_s,
-                    task_queue=info.task_queue,
-                    acquire=AcquireRequest(
-                        request_id=self._request_id,
-                        holder_workflow_id=info.workflow_id,
-                        holder_run_id=info.run_id,
-                        holder_first_run_id=info.first_execution_run_id,
-                        requested_at=workflow.now(),
-                    ),
-                ),
-                start_to_close_timeout=timedelta(seconds=10),
-            )
-            await workflow.wait_condition(
-                lambda: self._granted or not self._job_needs_runner(), timeout_summary="wait for a slot"
-            )
-            if not self._granted:
+            if not await self._lease.acquire(give_up=lambda: not self._job_needs_runner()):
                 self._set_phase(JobPhase.DONE, "another runner took the job before a slot was free")
                 return self._result("served-elsewhere" if self._served_by else "cancelled-before-start")
             while self._job_needs_runner():
@@ -193,16 +165,7 @@ class RunnerJobWorkflow:
             self._phase = JobPhase.FAILED
             raise
         finally:
-            await self._release_slot()
-
-    async def _release_slot(self) -> None:
-        handle = workflow.get_external_workflow_handle(semaphore_workflow_id(self._params.job.pool))
-        try:
-            await handle.signal("release", ReleaseRequest(request_id=self._request_id))
-        except ApplicationError as error:
-            if error.type != "ExternalWorkflowExecutionNotFound":
-                raise
-        self._granted = False
+            await self._lease.release()
 
     async def _run_one_runner(self) -> None:
         params = self._params
