@@ -1,0 +1,96 @@
+"""A minimal semaphore holder for tests and benchmarks, plus an independent ledger of holders.
+
+The ledger lives in the test process and is told by the holder itself (after its grant,
+before its release), so it checks the semaphore from outside the semaphore's own state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from pydantic import BaseModel
+from temporalio import activity, workflow
+
+with workflow.unsafe.imports_passed_through():
+    from mayfly.models import SlotGrant
+    from workflows.slot_lease import SlotLease
+
+
+class HolderInput(BaseModel):
+    pool: str
+    capacity: int
+    reap_interval_s: float = 2.0
+    hold_s: float = 0.0
+
+
+@dataclass
+class Ledger:
+    current: set[str] = field(default_factory=set)
+    exited: set[str] = field(default_factory=set)
+    max_seen: int = 0
+    entries: int = 0
+    entered_at: dict[str, float] = field(default_factory=dict)
+    exited_at: dict[str, float] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @activity.defn(name="test.ledger_enter")
+    async def enter(self, request_id: str) -> None:
+        if request_id in self.exited or request_id in self.current:
+            return
+        self.current.add(request_id)
+        self.entries += 1
+        self.entered_at[request_id] = time.monotonic()
+        self.max_seen = max(self.max_seen, len(self.current))
+        self._notify()
+
+    @activity.defn(name="test.ledger_exit")
+    async def exit(self, request_id: str) -> None:
+        self.current.discard(request_id)
+        self.exited.add(request_id)
+        self.exited_at[request_id] = time.monotonic()
+        self._notify()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def until(self, predicate: object, within_s: float) -> None:
+        assert callable(predicate)
+        async with asyncio.timeout(within_s):
+            while not predicate():
+                await self.changed.wait()
+
+
+@workflow.defn(name="TestSlotHolder")
+class SlotHolderWorkflow:
+    @workflow.init
+    def __init__(self, params: HolderInput) -> None:
+        self._lease = SlotLease(params.pool, params.capacity, params.reap_interval_s)
+
+    @workflow.signal(name="slot_granted")
+    def slot_granted(self, grant: SlotGrant) -> None:
+        self._lease.on_grant(grant)
+
+    @workflow.query
+    def request_id(self) -> str:
+        return self._lease.request_id
+
+    @workflow.run
+    async def run(self, params: HolderInput) -> None:
+        try:
+            await self._lease.acquire()
+            await workflow.execute_local_activity_method(
+                Ledger.enter, self._lease.request_id, start_to_close_timeout=timedelta(seconds=5)
+            )
+            try:
+                if params.hold_s > 0:
+                    await workflow.sleep(params.hold_s)
+            finally:
+                await workflow.execute_local_activity_method(
+                    Ledger.exit, self._lease.request_id, start_to_close_timeout=timedelta(seconds=5)
+                )
+        finally:
+            await self._lease.release()
