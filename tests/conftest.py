@@ -25,7 +25,10 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
         dev_server_startup_timeout=timedelta(seconds=30),
         # Low enough that the semaphores continue-as-new many times during the suite, with
         # acquirers in flight; the default (4096 events) would never trigger it here.
-        dev_server_extra_args=["--dynamic-config-value", f"limit.historyCount.suggestContinueAsNew={CAN_EVENTS}"],
+        dev_server_extra_args=[
+            "--dynamic-config-value",
+            f"limit.historyCount.suggestContinueAsNew={CAN_EVENTS}",
+        ],
     )
     try:
         yield env

@@ -24,6 +24,8 @@ class HolderInput(BaseModel):
     capacity: int
     reap_interval_s: float = 2.0
     hold_s: float = 0.0
+    # More than one cycle takes and returns a slot repeatedly, as a busy pool sees it.
+    cycles: int = 1
 
 
 @dataclass
@@ -80,6 +82,12 @@ class SlotHolderWorkflow:
 
     @workflow.run
     async def run(self, params: HolderInput) -> None:
+        for cycle in range(params.cycles):
+            if cycle:
+                self._lease = SlotLease(params.pool, params.capacity, params.reap_interval_s, key=str(cycle))
+            await self._hold_once(params)
+
+    async def _hold_once(self, params: HolderInput) -> None:
         try:
             await self._lease.acquire()
             await workflow.execute_local_activity_method(

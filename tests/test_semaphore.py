@@ -27,7 +27,12 @@ async def ledger(client: Client, task_queue: str) -> AsyncIterator[Ledger]:
         client,
         task_queue=task_queue,
         workflows=[SlotSemaphoreWorkflow, SlotHolderWorkflow],
-        activities=[SlotActivities({}).request, SlotActivities({}).reclaim_dead_holders, ledger.enter, ledger.exit],
+        activities=[
+            SlotActivities({}).request,
+            SlotActivities({}).reclaim_dead_holders,
+            ledger.enter,
+            ledger.exit,
+        ],
         max_concurrent_workflow_tasks=50,
     ):
         yield ledger
@@ -159,9 +164,19 @@ async def test_a_terminated_holder_loses_its_slot_to_the_next_waiter(
     # The way an operator does it; `terminate` skips every finally block in the holder.
     terminated_at = time.monotonic()
     subprocess.run(
-        [temporal_cli(), "workflow", "terminate", "--address", client.service_client.config.target_host,
-         "--workflow-id", a.id, "--reason", "operator test"],
-        check=True, capture_output=True,
+        [
+            temporal_cli(),
+            "workflow",
+            "terminate",
+            "--address",
+            client.service_client.config.target_host,
+            "--workflow-id",
+            a.id,
+            "--reason",
+            "operator test",
+        ],
+        check=True,
+        capture_output=True,
     )
     b_id = await b.query(SlotHolderWorkflow.request_id)
     await ledger.until(lambda: b_id in ledger.entered_at, within_s=60)

@@ -18,10 +18,11 @@ with workflow.unsafe.imports_passed_through():
 
 
 class SlotLease:
-    def __init__(self, pool: str, capacity: int, reap_interval_s: float) -> None:
+    def __init__(self, pool: str, capacity: int, reap_interval_s: float, *, key: str = "") -> None:
         info = workflow.info()
-        # Unique per run: a continued-as-new or reset holder asks for a new slot.
-        self.request_id = f"{info.workflow_id}/{info.run_id}"
+        # Unique per run (a continued-as-new or reset holder asks for a new slot), and per key
+        # for a workflow that takes several slots in turn.
+        self.request_id = f"{info.workflow_id}/{info.run_id}" + (f"/{key}" if key else "")
         self._pool = pool
         self._capacity = capacity
         self._reap_interval_s = reap_interval_s

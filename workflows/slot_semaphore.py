@@ -7,10 +7,11 @@ its grant is sent, so the cap counts every slot that might be in use.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.slots import SlotActivities
@@ -35,6 +36,10 @@ class SlotSemaphoreWorkflow:
     def __init__(self, state: SemaphoreInput) -> None:
         self._s = state
         self._released = set(state.recently_released)
+        # Grants are sent concurrently: awaiting each signal in turn would cost one workflow
+        # task round trip per grant and serialise every handoff behind the previous one.
+        self._grants_in_flight: set[asyncio.Task[None]] = set()
+        self._reap: asyncio.Task[list[str]] | None = None
 
     @workflow.signal
     def acquire(self, request: AcquireRequest) -> None:
@@ -92,10 +97,15 @@ class SlotSemaphoreWorkflow:
     def _can_grant(self) -> bool:
         return bool(self._s.waiters) and len(self._s.holders) < self._s.capacity
 
-    async def _grant_next(self) -> None:
+    def _grant_next(self) -> None:
         request = self._s.waiters.pop(0)
         self._s.holders[request.request_id] = Holder(request=request, granted_at=workflow.now())
         self._s.granted_total += 1
+        task = asyncio.create_task(self._send_grant(request))
+        self._grants_in_flight.add(task)
+        task.add_done_callback(self._grants_in_flight.discard)
+
+    async def _send_grant(self, request: AcquireRequest) -> None:
         handle = workflow.get_external_workflow_handle(
             request.holder_workflow_id, run_id=request.holder_run_id
         )
@@ -107,19 +117,35 @@ class SlotSemaphoreWorkflow:
             # The waiter closed while queued: nothing can be running under this slot.
             self._forget(request.request_id)
 
-    async def _reclaim_dead_holders(self) -> None:
+    def _start_reap(self) -> None:
         holders = list(self._s.holders.values())
-        dead: list[str] = await workflow.execute_activity_method(
+        self._reap = workflow.start_activity_method(
             SlotActivities.reclaim_dead_holders,
             DeadHolderCheck(pool=self._s.pool, holders=holders),
             start_to_close_timeout=timedelta(minutes=2),
             heartbeat_timeout=timedelta(seconds=30),
             summary=f"check {len(holders)} holders are alive",
         )
+
+    async def _finish_reap(self) -> None:
+        assert self._reap is not None
+        try:
+            dead = await self._reap
+        except ActivityError as error:
+            workflow.logger.warning("holder check failed, will retry next interval: %s", error)
+            dead = []
+        self._reap = None
         for request_id in dead:
             if request_id in self._s.holders:
                 self._s.reclaimed_total += 1
                 self._forget(request_id)
+
+    def _quiescent(self) -> bool:
+        return not self._grants_in_flight and workflow.all_handlers_finished()
+
+    def _has_work(self) -> bool:
+        reaped = self._reap is not None and self._reap.done()
+        return self._can_grant() or reaped or workflow.info().is_continue_as_new_suggested()
 
     @workflow.run
     async def run(self, state: SemaphoreInput) -> None:
@@ -127,25 +153,31 @@ class SlotSemaphoreWorkflow:
         next_reap = workflow.now() + timedelta(seconds=self._s.reap_interval_s)
         while True:
             while self._can_grant():
-                await self._grant_next()
+                self._grant_next()
+            if self._reap is not None and self._reap.done():
+                await self._finish_reap()
+                continue
             workflow.set_current_details(
                 f"**{len(self._s.holders)}/{self._s.capacity}** slots held, {len(self._s.waiters)} waiting"
             )
             if workflow.info().is_continue_as_new_suggested():
-                await workflow.wait_condition(workflow.all_handlers_finished)
-                # Signals that landed while we waited are already in self._s.
+                # Everything in flight must land in self._s before it is carried over.
+                await workflow.wait_condition(
+                    lambda: not self._grants_in_flight and workflow.all_handlers_finished()
+                )
+                if self._reap is not None:
+                    await self._finish_reap()
                 self._s.recently_released = [r for r in self._s.recently_released if r in self._released]
                 workflow.continue_as_new(self._s)
-            if self._s.holders and workflow.now() >= next_reap:
-                await self._reclaim_dead_holders()
+            if self._s.holders and self._reap is None and workflow.now() >= next_reap:
+                self._start_reap()
                 next_reap = workflow.now() + timedelta(seconds=self._s.reap_interval_s)
-                continue
             if not self._s.holders:
                 next_reap = workflow.now() + timedelta(seconds=self._s.reap_interval_s)
             try:
                 await workflow.wait_condition(
-                    lambda: self._can_grant() or workflow.info().is_continue_as_new_suggested(),
-                    timeout=(next_reap - workflow.now()) if self._s.holders else None,
+                    self._has_work,
+                    timeout=(next_reap - workflow.now()) if self._s.holders and self._reap is None else None,
                     timeout_summary="check holders are alive",
                 )
             except TimeoutError:

@@ -1,0 +1,193 @@
+"""Slot semaphore benchmark on a real Temporal dev server.
+
+    .venv/bin/python -m bench.semaphore_bench [--pairs 300] [--cap 10]
+
+Prints idle grant latency, handoff latency under a backlog, sustained acquire+release pairs per
+second and history events per cycle, against the targets of issue 3 (handoff p99 <= 200 ms,
+>= 50 pairs/s on a 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import os
+import resource
+import statistics
+import time
+import uuid
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from pydantic import BaseModel
+from temporalio import workflow
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from activities.slots import SlotActivities
+from mayfly.devserver import temporal_cli
+from mayfly.models import SlotGrant, semaphore_workflow_id
+from mayfly.temporal import DATA_CONVERTER
+from tests.slot_holder import HolderInput
+from workflows.slot_lease import SlotLease
+from workflows.slot_semaphore import SlotSemaphoreWorkflow
+
+
+class CycleTimes(BaseModel):
+    granted: list[datetime]
+    released: list[datetime]
+
+
+@workflow.defn(name="BenchSlotHolder")
+class BenchHolderWorkflow:
+    """Takes and returns a slot `cycles` times; no instrumentation activities on the hot path."""
+
+    @workflow.init
+    def __init__(self, params: HolderInput) -> None:
+        self._lease = SlotLease(params.pool, params.capacity, params.reap_interval_s)
+
+    @workflow.signal(name="slot_granted")
+    def slot_granted(self, grant: SlotGrant) -> None:
+        self._lease.on_grant(grant)
+
+    @workflow.run
+    async def run(self, params: HolderInput) -> CycleTimes:
+        times = CycleTimes(granted=[], released=[])
+        for cycle in range(params.cycles):
+            if cycle:
+                self._lease = SlotLease(params.pool, params.capacity, params.reap_interval_s, key=str(cycle))
+            try:
+                await self._lease.acquire()
+                times.granted.append(workflow.now())
+            finally:
+                times.released.append(workflow.now())
+                await self._lease.release()
+        return times
+
+
+def server_cpu_s() -> float:
+    """CPU seconds used so far by the dev server, found as our child process named `temporal`."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            comm, rest = stat.read_text().split(" (", 1)[1].rsplit(")", 1)
+        except (OSError, ValueError):
+            continue
+        fields = rest.split()
+        if comm.startswith("temporal") and int(fields[1]) == os.getpid():
+            total += sum(int(fields[i]) for i in (11, 12)) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def run_holders(
+    client: Client, task_queue: str, pool: str, count: int, cap: int, *, first: int = 0, cycles: int = 1
+) -> list[tuple[float, CycleTimes]]:
+    """Start `count` holders at once; per holder, the client's start time and the cycle times."""
+
+    async def one(i: int) -> tuple[float, CycleTimes]:
+        started = time.time()
+        handle = await client.start_workflow(
+            BenchHolderWorkflow.run,
+            HolderInput(pool=pool, capacity=cap, reap_interval_s=30, cycles=cycles),
+            id=f"{pool}-{first + i}",
+            task_queue=task_queue,
+        )
+        return started, await handle.result()
+
+    return await asyncio.gather(*(one(i) for i in range(count)))
+
+
+async def history_events_per_grant(client: Client, pool: str) -> tuple[int, int, float]:
+    workflow_id = semaphore_workflow_id(pool)
+    runs = [w async for w in client.list_workflows(f"WorkflowId = '{workflow_id}'")]
+    events = 0
+    for run in runs:
+        description = await client.get_workflow_handle(workflow_id, run_id=run.run_id).describe()
+        events += description.history_length
+    status = await client.get_workflow_handle(semaphore_workflow_id(pool)).query(SlotSemaphoreWorkflow.status)
+    return len(runs), events, events / max(1, status.granted_total)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pairs", type=int, default=400)
+    parser.add_argument("--cap", type=int, default=10)
+    parser.add_argument("--idle-samples", type=int, default=30)
+    args = parser.parse_args()
+
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_cli(),
+        data_converter=DATA_CONVERTER,
+        dev_server_startup_timeout=timedelta(seconds=30),
+    )
+    task_queue = f"bench-{uuid.uuid4().hex[:6]}"
+    slots = SlotActivities({})
+    async with Worker(
+        env.client,
+        task_queue=task_queue,
+        workflows=[SlotSemaphoreWorkflow, BenchHolderWorkflow],
+        activities=[slots.request, slots.reclaim_dead_holders],
+    ):
+        # 1. Idle grant latency: one acquirer at a time, free slots; client start -> granted.
+        pool = f"idle{uuid.uuid4().hex[:6]}"
+        idle: list[float] = []
+        for i in range(args.idle_samples):
+            ((started, times),) = await run_holders(env.client, task_queue, pool, 1, args.cap, first=i)
+            idle.append(times.granted[0].timestamp() - started)
+
+        # 2. Backlog: twice as many looping holders as slots, each taking a slot in turn.
+        pool = f"busy{uuid.uuid4().hex[:6]}"
+        holders = args.cap * 2
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        server_cpu0 = server_cpu_s()
+        t0 = time.monotonic()
+        results = await run_holders(
+            env.client, task_queue, pool, holders, args.cap, cycles=max(1, args.pairs // holders)
+        )
+        makespan = time.monotonic() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        worker_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+        server_cpu = server_cpu_s() - server_cpu0
+        grants = sorted(t.timestamp() for _, times in results for t in times.granted)
+        releases = sorted(t.timestamp() for _, times in results for t in times.released)
+        # A handoff: from a holder releasing to the next holder being granted, all slots busy.
+        handoffs = []
+        for granted in grants[args.cap :]:
+            k = bisect.bisect_left(releases, granted)
+            if k > 0:
+                handoffs.append(granted - releases[k - 1])
+        runs, events, per_grant = await history_events_per_grant(env.client, pool)
+    await env.shutdown()
+
+    pairs = len(grants)
+    rate = pairs / makespan
+    handoff_p99 = pct(handoffs, 0.99)
+    print(
+        f"idle grant latency (client start -> granted), n={len(idle)}: "
+        f"p50 {statistics.median(idle) * 1000:.0f} ms, p99 {pct(idle, 0.99) * 1000:.0f} ms"
+    )
+    print(
+        f"handoff under backlog ({pairs} pairs by {holders} holders, cap {args.cap}), n={len(handoffs)}: "
+        f"p50 {statistics.median(handoffs) * 1000:.0f} ms, p99 {handoff_p99 * 1000:.0f} ms "
+        f"(target p99 <= 200 ms; measured/target {handoff_p99 / 0.2:.2f})"
+    )
+    print(
+        f"sustained: {rate:.1f} acquire+release pairs/s over {makespan:.1f}s "
+        f"(target >= 50; measured/target {rate / 50:.2f})"
+    )
+    print(
+        f"CPU during the backlog run: worker+client {worker_cpu:.1f}s, dev server {server_cpu:.1f}s "
+        f"of {makespan * 2:.1f}s available on 2 cores"
+    )
+    print(f"semaphore history: {events} events over {runs} run(s), {per_grant:.1f} events per grant")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
