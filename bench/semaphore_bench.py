@@ -15,6 +15,7 @@ import bisect
 import os
 import resource
 import statistics
+import sys
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -191,3 +192,6 @@ async def main() -> None:
 
 if __name__ == "__main__":
     asyncio.run(main())
+    sys.stdout.flush()
+    # Skips interpreter finalisation, where the SDK's native runtime can abort (sdk-python#300).
+    os._exit(0)
