@@ -41,7 +41,10 @@ class SlotActivities:
             if error.status == RPCStatusCode.NOT_FOUND:
                 return False
             raise
-        if description.raw_info.first_run_id != holder.request.holder_first_run_id:
+        # The latest run must be the very run that asked: a reset (or a reused workflow id)
+        # starts a new run that never held this slot. Holders must not continue-as-new while
+        # holding, and ours never do.
+        if description.run_id != holder.request.holder_run_id:
             return False
         return description.status == WorkflowExecutionStatus.RUNNING
 

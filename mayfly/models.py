@@ -85,9 +85,8 @@ class RunnerJobState(BaseModel):
 class AcquireRequest(BaseModel):
     request_id: str
     holder_workflow_id: str
+    # Compared on liveness checks, so a reset or reused workflow id is not mistaken for the holder.
     holder_run_id: str
-    # Compared on liveness checks so a reused workflow id is not mistaken for the holder.
-    holder_first_run_id: str
     requested_at: datetime
 
 

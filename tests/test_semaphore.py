@@ -131,7 +131,6 @@ async def test_duplicate_and_out_of_order_signals_are_harmless(
         request_id=ids["a"],
         holder_workflow_id=a.id,
         holder_run_id=a_info.run_id,
-        holder_first_run_id=a_info.run_id,
         requested_at=a_info.start_time,
     )
 

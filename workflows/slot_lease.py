@@ -46,7 +46,6 @@ class SlotLease:
                     request_id=self.request_id,
                     holder_workflow_id=info.workflow_id,
                     holder_run_id=info.run_id,
-                    holder_first_run_id=info.first_execution_run_id,
                     requested_at=workflow.now(),
                 ),
             ),
