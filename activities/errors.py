@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from mayfly.backends import BackendError
 from mayfly.github import GitHubError
+from mayfly.retry import Backoff, retry_delay
+
+GITHUB_BACKOFF = Backoff(base_s=1.0, cap_s=30.0)
 
 
 def github_failure(error: GitHubError) -> ApplicationError:
-    delay = timedelta(seconds=error.retry_after_s) if error.retry_after_s is not None else None
+    """The error Temporal records, with the jittered (or GitHub-requested) delay before the next try."""
+    delay = None
+    if error.retryable:
+        attempt = activity.info().attempt if activity.in_activity() else 1
+        delay = timedelta(seconds=retry_delay(attempt, error.retry_after_s, GITHUB_BACKOFF))
     return ApplicationError(
         str(error),
         type=f"GitHubHTTP{error.status}" if error.status else "GitHubUnreachable",
