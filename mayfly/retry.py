@@ -19,7 +19,8 @@ class Backoff:
 
     def ceiling(self, attempt: int) -> float:
         """The largest delay allowed after the `attempt`-th failure (1-based)."""
-        return min(self.cap_s, self.base_s * 2 ** max(0, attempt - 1))
+        exponent: int = max(0, attempt - 1)
+        return float(min(self.cap_s, self.base_s * 2.0**exponent))
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Full jitter: uniform between 0 and the exponential ceiling."""
