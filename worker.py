@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -21,6 +22,7 @@ from temporalio.worker import Worker
 from activities.containers import ContainerActivities
 from activities.github import GitHubActivities
 from activities.slots import SlotActivities
+from activities.sweep import SweepActivities
 from mayfly.backends import ContainerBackend
 from mayfly.backends.factory import build_backends
 from mayfly.config import ConfigError, MayflySettings, load_settings
@@ -30,6 +32,7 @@ from mayfly.sealing import Sealer
 from mayfly.temporal import connect
 from workflows.runner_job import RunnerJobWorkflow
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
+from workflows.sweeper import SweeperInput, SweeperWorkflow, sweeper_workflow_id
 
 log = logging.getLogger("mayfly.worker")
 
@@ -41,7 +44,7 @@ def sealer_for(settings: MayflySettings) -> Sealer:
     return Sealer.from_secret(settings.secret_key.get_secret_value())
 
 
-def build_worker(
+def build_workers(
     client: Client,
     settings: MayflySettings,
     *,
@@ -50,28 +53,57 @@ def build_worker(
     sealer: Sealer,
     registration_poll_s: float = 10.0,
     graceful_shutdown_s: float = 30.0,
-) -> Worker:
+) -> list[Worker]:
+    """The main worker (workflows, containers, slots) and the rate-limited GitHub worker."""
     github_activities = GitHubActivities(
         github, sealer, first_poll_delay_s=registration_poll_s, poll_interval_s=registration_poll_s
     )
     container_activities = ContainerActivities(backends, sealer)
     slot_activities = SlotActivities(backends)
-    return Worker(
+    sweep_activities = SweepActivities(github, backends, settings.github.runner_name_prefix)
+    shutdown = timedelta(seconds=graceful_shutdown_s)
+    main = Worker(
         client,
         task_queue=settings.temporal.task_queue,
-        workflows=[RunnerJobWorkflow, SlotSemaphoreWorkflow],
+        workflows=[RunnerJobWorkflow, SlotSemaphoreWorkflow, SweeperWorkflow],
         activities=[
-            github_activities.mint_runner,
-            github_activities.runner_status,
-            github_activities.wait_online,
-            github_activities.deregister_runner,
             container_activities.spawn,
             container_activities.wait_exit,
             container_activities.terminate,
             slot_activities.request,
             slot_activities.reclaim_dead_holders,
+            sweep_activities.containers,
         ],
-        graceful_shutdown_timeout=timedelta(seconds=graceful_shutdown_s),
+        graceful_shutdown_timeout=shutdown,
+    )
+    github_worker = Worker(
+        client,
+        task_queue=settings.temporal.github_task_queue,
+        activities=[
+            github_activities.mint_runner,
+            github_activities.runner_status,
+            github_activities.wait_online,
+            github_activities.deregister_runner,
+            sweep_activities.registrations,
+        ],
+        max_task_queue_activities_per_second=settings.github.max_calls_per_second,
+        graceful_shutdown_timeout=shutdown,
+    )
+    return [main, github_worker]
+
+
+async def start_sweeper(client: Client, settings: MayflySettings) -> None:
+    await client.start_workflow(
+        SweeperWorkflow.run,
+        SweeperInput(
+            pools=[pool.name for pool in settings.pools],
+            interval_s=settings.sweep_interval_s,
+            github_task_queue=settings.temporal.github_task_queue,
+        ),
+        id=sweeper_workflow_id(settings.temporal.task_queue),
+        task_queue=settings.temporal.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        static_summary="Removes containers and runner registrations that outlived their workflow",
     )
 
 
@@ -95,11 +127,14 @@ async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
     client = await connect(settings.temporal)
     github = GitHubClient(settings.github)
     try:
-        worker = build_worker(
+        workers = build_workers(
             client, settings, github=github, backends=build_backends(settings), sealer=sealer_for(settings)
         )
-        async with worker:
+        async with contextlib.AsyncExitStack() as running:
+            for worker in workers:
+                await running.enter_async_context(worker)
             await sync_capacities(client, settings)
+            await start_sweeper(client, settings)
             log.info("worker polling task queue %s", settings.temporal.task_queue)
             await stop.wait()
             log.info("shutting down: finishing activities in flight")

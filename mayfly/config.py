@@ -84,6 +84,9 @@ class GitHubSettings(BaseModel):
     runner_group_id: int = Field(default=1, ge=1)
     runner_name_prefix: str = Field(default="mayfly", pattern=r"^[a-z][a-z0-9]{0,15}$")
     request_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    # GitHub calls run on their own task queue with a server-side rate limit, so a burst of
+    # jobs becomes a steady trickle of registration calls instead of a burst of 502s.
+    max_calls_per_second: float = Field(default=10.0, gt=0)
 
     @field_validator("api_url")
     @classmethod
@@ -117,6 +120,10 @@ class TemporalSettings(BaseModel):
     namespace: str = "default"
     task_queue: str = "mayfly"
 
+    @property
+    def github_task_queue(self) -> str:
+        return f"{self.task_queue}-github"
+
 
 class StarterSettings(BaseModel):
     host: str = "127.0.0.1"
@@ -136,6 +143,7 @@ class MayflySettings(BaseSettings):
     # Seals JIT configs between activities so they never sit in workflow history in plaintext.
     secret_key: SecretStr | None = None
     semaphore_reap_interval_s: float = Field(default=20.0, gt=0)
+    sweep_interval_s: float = Field(default=60.0, gt=0)
 
     @field_validator("pools")
     @classmethod

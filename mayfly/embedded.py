@@ -30,7 +30,7 @@ from mayfly.sealing import Sealer
 from mayfly.serving import RunningServer, serve
 from mayfly.starter import create_starter_app
 from simulator import FaultConfig, GitHubSimulator
-from worker import build_worker
+from worker import build_workers, start_sweeper
 
 DEMO_POOL = "demo"
 DEMO_LABELS = ["self-hosted", "linux", "mayfly-demo"]
@@ -49,9 +49,11 @@ class EmbeddedStack:
         runner_command: list[str] | None = None,
         runner_env: dict[str, str] | None = None,
         registration_timeout_s: float = 60.0,
+        max_registration_attempts: int = 3,
         idle_ttl_s: float = 120.0,
         max_lifetime_s: float = 600.0,
         semaphore_reap_interval_s: float = 5.0,
+        sweep_interval_s: float = 10.0,
         simulator_port: int = 0,
         starter_port: int = 0,
         faults: FaultConfig | None = None,
@@ -78,6 +80,7 @@ class EmbeddedStack:
                 env=runner_env or {},
             ),
             registration_timeout_s=registration_timeout_s,
+            max_registration_attempts=max_registration_attempts,
             idle_ttl_s=idle_ttl_s,
             max_lifetime_s=max_lifetime_s,
         )
@@ -85,12 +88,13 @@ class EmbeddedStack:
         self._webhook_secret = webhook_secret
         self._task_queue = task_queue
         self._reap_interval_s = semaphore_reap_interval_s
+        self._sweep_interval_s = sweep_interval_s
         self.settings: MayflySettings | None = None
         self.backend = LocalProcessBackend(self._pool.backend)  # type: ignore[arg-type]
         self._github: GitHubClient | None = None
         self._starter: RunningServer | None = None
-        self._worker: Worker | None = None
-        self._worker_task: asyncio.Task[None] | None = None
+        self._workers: list[Worker] = []
+        self._worker_tasks: list[asyncio.Task[None]] = []
 
     @property
     def starter_url(self) -> str:
@@ -110,6 +114,7 @@ class EmbeddedStack:
             starter=StarterSettings(port=self._starter_port),
             pools=[self._pool],
             semaphore_reap_interval_s=self._reap_interval_s,
+            sweep_interval_s=self._sweep_interval_s,
         )
         client = self.client
 
@@ -121,7 +126,7 @@ class EmbeddedStack:
         )
         self.simulator.webhook_url = self.starter_url
         self._github = GitHubClient(self.settings.github)
-        self._worker = build_worker(
+        self._workers = build_workers(
             client,
             self.settings,
             github=self._github,
@@ -130,14 +135,14 @@ class EmbeddedStack:
             registration_poll_s=1.0,
             graceful_shutdown_s=5.0,
         )
-        self._worker_task = asyncio.create_task(self._worker.run())
+        self._worker_tasks = [asyncio.create_task(worker.run()) for worker in self._workers]
+        await start_sweeper(client, self.settings)
 
     async def stop(self) -> None:
         if self._starter is not None:
             await self._starter.stop()
-        if self._worker is not None and self._worker_task is not None:
-            await self._worker.shutdown()
-            await self._worker_task
+        await asyncio.gather(*(worker.shutdown() for worker in self._workers))
+        await asyncio.gather(*self._worker_tasks)
         if self._github is not None:
             await self._github.aclose()
         await self.simulator.stop()

@@ -56,6 +56,8 @@ class RunnerJobInput(BaseModel):
     idle_ttl_s: float
     max_lifetime_s: float
     runner_name_prefix: str = "mayfly"
+    # Empty means the workflow's own task queue (no separate throttle).
+    github_task_queue: str = ""
 
 
 class RunnerJobResult(BaseModel):

@@ -192,6 +192,7 @@ class WebhookStarter:
             idle_ttl_s=pool.idle_ttl_s,
             max_lifetime_s=pool.max_lifetime_s,
             runner_name_prefix=self._settings.github.runner_name_prefix,
+            github_task_queue=self._settings.temporal.github_task_queue,
         )
         try:
             await client.start_workflow(

@@ -121,6 +121,9 @@ class RunnerJobWorkflow:
 
     # --- main -----------------------------------------------------------------------------
 
+    def _github_queue(self) -> str | None:
+        return self._params.github_task_queue or None
+
     def _job_needs_runner(self) -> bool:
         return self._job_status == "queued"
 
@@ -187,6 +190,7 @@ class RunnerJobWorkflow:
                     schedule_to_close_timeout=timedelta(seconds=params.registration_timeout_s * 3),
                     retry_policy=GITHUB_RETRY,
                     summary=f"mint {track.name}",
+                    task_queue=self._github_queue(),
                 )
                 self._set_phase(JobPhase.SPAWNING, f"container `{track.name}`")
                 container = await workflow.execute_activity_method(
@@ -245,6 +249,7 @@ class RunnerJobWorkflow:
             heartbeat_timeout=timedelta(seconds=30),
             retry_policy=GITHUB_RETRY,
             summary=f"poll {track.name} online",
+            task_queue=self._github_queue(),
         )
         try:
             await workflow.wait_condition(
@@ -338,6 +343,7 @@ class RunnerJobWorkflow:
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=CLEANUP_RETRY,
             summary=f"deregister {track.name}",
+            task_queue=self._github_queue(),
         )
 
 

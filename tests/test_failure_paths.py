@@ -1,0 +1,151 @@
+"""Every failure path releases its slot and leaves no container or registration behind."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError, CancelledError
+
+from mayfly.backends import ContainerState
+from mayfly.backends.local import LocalProcessBackend
+from mayfly.config import LocalBackendSettings
+from mayfly.embedded import DEMO_LABELS, EmbeddedStack
+from mayfly.github import GitHubClient
+from mayfly.models import JobPhase, RunnerJobState, job_workflow_id
+from workflows.runner_job import RunnerJobWorkflow
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
+
+
+async def until(check: Callable[[], Awaitable[bool]], within_s: float = 60) -> None:
+    """Poll a condition that has no event to wait on (process and workflow state), with a deadline."""
+    async with asyncio.timeout(within_s):
+        while not await check():  # noqa: ASYNC110 (process and query state raise no event)
+            await asyncio.sleep(0.2)
+
+
+@pytest.fixture
+async def stack_factory(
+    client: Client, task_queue: str, pool_name: str, state_dir: Path
+) -> AsyncIterator[Callable[..., Awaitable[EmbeddedStack]]]:
+    stacks: list[EmbeddedStack] = []
+
+    async def make(**options: object) -> EmbeddedStack:
+        stack = EmbeddedStack(
+            client,
+            state_dir=state_dir,
+            task_queue=task_queue,
+            pool=pool_name,
+            semaphore_reap_interval_s=2.0,
+            sweep_interval_s=1.0,
+            **options,  # type: ignore[arg-type]
+        )
+        await stack.start()
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        await stack.stop()
+
+
+def job_handle(stack: EmbeddedStack, job_id: int) -> WorkflowHandle[RunnerJobWorkflow, object]:
+    return stack.client.get_workflow_handle_for(RunnerJobWorkflow.run, job_workflow_id(job_id))
+
+
+async def phase(stack: EmbeddedStack, job_id: int) -> JobPhase | None:
+    try:
+        state: RunnerJobState = await job_handle(stack, job_id).query(RunnerJobWorkflow.state)
+    except Exception:
+        return None
+    return state.phase
+
+
+async def nothing_left(stack: EmbeddedStack) -> bool:
+    running = [r for r in await stack.backend.list() if r.state is ContainerState.RUNNING]
+    slots = await stack.semaphore_status()
+    return not running and not stack.simulator.runners() and not slots.holders and not slots.waiters
+
+
+async def test_cancelling_a_running_job_tears_everything_down(
+    stack_factory: Callable[..., Awaitable[EmbeddedStack]],
+) -> None:
+    stack = await stack_factory(max_runners=1)
+    (job_id,) = stack.queue_jobs(1, duration_s=2.0)
+    await until(lambda: _is(phase(stack, job_id), JobPhase.RUNNING))
+    await job_handle(stack, job_id).cancel()
+    with pytest.raises(WorkflowFailureError) as failure:
+        await job_handle(stack, job_id).result()
+    assert isinstance(failure.value.cause, CancelledError)
+    assert await nothing_left(stack)
+
+
+async def test_cancelling_a_job_waiting_for_a_slot_leaks_nothing(
+    stack_factory: Callable[..., Awaitable[EmbeddedStack]],
+) -> None:
+    stack = await stack_factory(max_runners=1)
+    first, second = stack.queue_jobs(2, duration_s=3.0)
+    await until(lambda: _is(phase(stack, second), JobPhase.WAITING_FOR_SLOT))
+    await job_handle(stack, second).cancel()
+    with pytest.raises(WorkflowFailureError):
+        await job_handle(stack, second).result()
+    await job_handle(stack, first).result()
+    await until(lambda: nothing_left(stack))
+
+
+async def test_a_runner_that_never_registers_is_retried_then_fails_clearly(
+    stack_factory: Callable[..., Awaitable[EmbeddedStack]],
+) -> None:
+    stack = await stack_factory(
+        max_runners=1, runner_command=SLEEPER, registration_timeout_s=3.0, max_registration_attempts=2
+    )
+    (job_id,) = stack.queue_jobs(1)
+    with pytest.raises(WorkflowFailureError) as failure:
+        await job_handle(stack, job_id).result()
+    cause = failure.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "RegistrationFailed"
+    assert "after 2 attempts" in str(cause) and "did not come online" in str(cause)
+    names = sorted(record.name for record in await stack.backend.list())
+    assert names == [f"mayfly-{job_id}-a1", f"mayfly-{job_id}-a2"], "a fresh name per attempt"
+    assert await nothing_left(stack)
+
+
+async def test_sweeper_removes_orphans_and_leaves_other_runners_alone(
+    stack_factory: Callable[..., Awaitable[EmbeddedStack]], state_dir: Path
+) -> None:
+    stack = await stack_factory()
+    assert stack.settings is not None
+    orphan_backend = LocalProcessBackend(
+        LocalBackendSettings(command=SLEEPER, state_dir=state_dir / "local-backend")
+    )
+    orphan = await orphan_backend.spawn(
+        name="mayfly-424242-a1",
+        owner_workflow_id=job_workflow_id(424242),
+        job_id=424242,
+        jit_config="unused",
+        max_lifetime_s=600,
+    )
+    github = GitHubClient(stack.settings.github)
+    await github.generate_jit_config("mayfly-434343-a1", DEMO_LABELS)
+    await github.generate_jit_config("another-system-runner", DEMO_LABELS)
+    await github.aclose()
+
+    async def swept() -> bool:
+        record = await stack.backend.inspect(orphan.name)
+        names = [runner.name for runner in stack.simulator.runners()]
+        return (
+            record is not None
+            and record.state is ContainerState.EXITED
+            and names == ["another-system-runner"]
+        )
+
+    await until(swept, within_s=30)
+
+
+async def _is(value: Awaitable[JobPhase | None], expected: JobPhase) -> bool:
+    return await value == expected
