@@ -10,11 +10,13 @@ import asyncio
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
 
+from mayfly.backends import ContainerBackend
 from mayfly.backends.local import LocalProcessBackend
 from mayfly.config import (
     GitHubSettings,
@@ -57,6 +59,7 @@ class EmbeddedStack:
         simulator_port: int = 0,
         starter_port: int = 0,
         faults: FaultConfig | None = None,
+        wrap_backend: Callable[[ContainerBackend], ContainerBackend] | None = None,
     ) -> None:
         self.client = client
         self._state_dir = state_dir
@@ -91,6 +94,8 @@ class EmbeddedStack:
         self._sweep_interval_s = sweep_interval_s
         self.settings: MayflySettings | None = None
         self.backend = LocalProcessBackend(self._pool.backend)  # type: ignore[arg-type]
+        # The worker may see the backend through a fault-injecting wrapper; checks use the real one.
+        self._worker_backend: ContainerBackend = wrap_backend(self.backend) if wrap_backend else self.backend
         self._github: GitHubClient | None = None
         self._starter: RunningServer | None = None
         self._workers: list[Worker] = []
@@ -130,7 +135,7 @@ class EmbeddedStack:
             client,
             self.settings,
             github=self._github,
-            backends={self._pool.name: self.backend},
+            backends={self._pool.name: self._worker_backend},
             sealer=Sealer.ephemeral(),
             registration_poll_s=1.0,
             graceful_shutdown_s=5.0,

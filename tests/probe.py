@@ -28,6 +28,10 @@ class ConcurrencyProbe:
         path = self.ledger / "starts.log"
         return path.read_text().splitlines() if path.exists() else []
 
+    def hangs(self) -> list[str]:
+        path = self.ledger / "hangs.log"
+        return path.read_text().splitlines() if path.exists() else []
+
     def violations(self) -> list[str]:
         path = self.ledger / "violations.log"
         return path.read_text().splitlines() if path.exists() else []

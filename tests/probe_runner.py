@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,12 @@ def main() -> None:
     if taken is None:
         with open(ledger / "violations.log", "a") as log:
             log.write(f"{time.time():.3f} {os.getpid()} {os.environ.get('MAYFLY_CONTAINER_NAME', '?')}\n")
+    hang_rate = float(os.environ.get("MAYFLY_PROBE_HANG_RATE", "0"))
+    if random.random() < hang_rate:
+        with open(ledger / "hangs.log", "a") as log:
+            log.write(f"{os.environ.get('MAYFLY_CONTAINER_NAME', '?')}\n")
+        # A runner that never connects (network trouble, a broken image): it only sleeps.
+        os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(3600)"])
     os.execv(sys.executable, [sys.executable, "-m", "simulator.runner"])
 
 
