@@ -65,7 +65,9 @@ class RunnerJobResult(BaseModel):
     served_by: str | None
     runners_spawned: int
     registration_failures: int
-    outcome: Literal["served", "served-elsewhere", "cancelled-before-start", "gave-up"]
+    outcome: Literal["served", "served-elsewhere", "cancelled-before-start"]
+    # From grant to the moment its last container was confirmed gone (the release follows).
+    slot_held_s: float = 0.0
 
 
 class RunnerJobState(BaseModel):

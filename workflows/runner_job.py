@@ -132,7 +132,7 @@ class RunnerJobWorkflow:
         workflow.set_current_details(f"**{phase.value}**: {details}")
 
     def _result(
-        self, outcome: Literal["served", "served-elsewhere", "cancelled-before-start", "gave-up"]
+        self, outcome: Literal["served", "served-elsewhere", "cancelled-before-start"]
     ) -> RunnerJobResult:
         return RunnerJobResult(
             job_id=self._params.job.job_id,
@@ -140,6 +140,7 @@ class RunnerJobWorkflow:
             runners_spawned=self._spawned,
             registration_failures=self._failures,
             outcome=outcome,
+            slot_held_s=self._lease.held_s(),
         )
 
     @workflow.run

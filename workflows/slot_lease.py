@@ -7,7 +7,7 @@ in a `finally`, so the slot goes back on success, failure and cancellation alike
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
@@ -27,10 +27,15 @@ class SlotLease:
         self._capacity = capacity
         self._reap_interval_s = reap_interval_s
         self.granted = False
+        self.granted_at: datetime | None = None
 
     def on_grant(self, grant: SlotGrant) -> None:
-        if grant.request_id == self.request_id:
+        if grant.request_id == self.request_id and not self.granted:
             self.granted = True
+            self.granted_at = workflow.now()
+
+    def held_s(self) -> float:
+        return (workflow.now() - self.granted_at).total_seconds() if self.granted_at else 0.0
 
     async def acquire(self, give_up: Callable[[], bool] = lambda: False) -> bool:
         """Wait for a slot; returns False if `give_up()` became true first."""
