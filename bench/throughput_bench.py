@@ -143,7 +143,7 @@ async def run_naive(args: argparse.Namespace, state_dir: Path) -> Figures:
                     max_lifetime_s=3600,
                 )
                 # Polling, as such a script would; a process exit raises no event here.
-                while (record := await backend.inspect(name)) is not None and record.state.value == "running":  # noqa: ASYNC110, E501
+                while (record := await backend.inspect(name)) is not None and record.state.value == "running":  # noqa: ASYNC110
                     await asyncio.sleep(0.2)
             finally:
                 busy += time.monotonic() - alive_from
