@@ -60,7 +60,7 @@ def build_workers(
     )
     container_activities = ContainerActivities(backends, sealer)
     slot_activities = SlotActivities(backends)
-    sweep_activities = SweepActivities(github, backends, settings.github.runner_name_prefix)
+    sweep_activities = SweepActivities(github, backends, settings)
     shutdown = timedelta(seconds=graceful_shutdown_s)
     main = Worker(
         client,
@@ -85,6 +85,7 @@ def build_workers(
             github_activities.wait_online,
             github_activities.deregister_runner,
             sweep_activities.registrations,
+            sweep_activities.queued_jobs,
         ],
         max_task_queue_activities_per_second=settings.github.max_calls_per_second,
         graceful_shutdown_timeout=shutdown,

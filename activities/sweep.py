@@ -11,18 +11,22 @@ from collections.abc import Mapping
 from pydantic import BaseModel
 from temporalio import activity
 from temporalio.client import WorkflowExecutionStatus
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.errors import backend_failure, github_failure
 from mayfly.backends import BackendError, ContainerBackend, ContainerState
+from mayfly.config import MayflySettings
+from mayfly.dispatch import DispatchUnavailable, JobDispatcher
 from mayfly.github import GitHubClient, GitHubError, RunnerBusy
-from mayfly.models import job_workflow_id, owner_job_of
+from mayfly.models import JobEvent, JobInfo, job_workflow_id, owner_job_of
 
 
 class SweepReport(BaseModel):
     checked: int = 0
     removed: list[str] = []
     busy: list[str] = []
+    recovered: list[str] = []
 
 
 async def owner_running(workflow_id: str) -> bool:
@@ -37,11 +41,13 @@ async def owner_running(workflow_id: str) -> bool:
 
 class SweepActivities:
     def __init__(
-        self, github: GitHubClient, backends: Mapping[str, ContainerBackend], runner_name_prefix: str
+        self, github: GitHubClient, backends: Mapping[str, ContainerBackend], settings: MayflySettings
     ) -> None:
         self._github = github
         self._backends = backends
-        self._prefix = runner_name_prefix
+        self._settings = settings
+        self._prefix = settings.github.runner_name_prefix
+        self._dispatcher = JobDispatcher(settings)
 
     @activity.defn(name="sweep.containers")
     async def containers(self, pool: str) -> SweepReport:
@@ -89,4 +95,41 @@ class SweepActivities:
                 report.removed.append(runner.name)
         except GitHubError as error:
             raise github_failure(error) from None
+        return report
+
+    @activity.defn(name="sweep.queued_jobs")
+    async def queued_jobs(self) -> SweepReport:
+        """Start workflows for queued jobs whose `queued` webhook never arrived.
+
+        GitHub does not redeliver a failed delivery by itself. Dispatching a job that already
+        has a workflow is harmless: it only signals `queued` again.
+        """
+        report = SweepReport()
+        try:
+            queued = await self._github.list_queued_jobs()
+        except GitHubError as error:
+            raise github_failure(error) from None
+        repository = self._settings.github.repository or ""
+        for job in queued:
+            report.checked += 1
+            if await owner_running(job_workflow_id(job.id)):
+                continue
+            info = JobInfo(
+                job_id=job.id,
+                run_id=job.run_id,
+                run_attempt=job.run_attempt,
+                repository=repository,
+                name=job.name,
+                labels=job.labels,
+                pool="",
+            )
+            try:
+                pool = await self._dispatcher.dispatch(
+                    activity.client(), info, JobEvent(action="queued", job_id=job.id)
+                )
+            except DispatchUnavailable as error:
+                raise ApplicationError(str(error), type="TemporalUnavailable") from None
+            if pool is not None:
+                activity.logger.warning("job %s was queued but had no workflow; started one", job.id)
+                report.recovered.append(f"job {job.id}")
         return report

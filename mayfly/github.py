@@ -42,6 +42,15 @@ class JitConfig(BaseModel):
         return f"JitConfig(runner={self.runner!r}, encoded_jit_config=<redacted>)"
 
 
+class WorkflowJob(BaseModel):
+    id: int
+    run_id: int
+    run_attempt: int = 1
+    name: str = ""
+    status: str
+    labels: list[str] = Field(default_factory=list)
+
+
 class GitHubError(Exception):
     """A failed GitHub call. `retryable` tells whether trying again can help."""
 
@@ -184,3 +193,18 @@ class GitHubClient:
                 return False
             raise
         return True
+
+    async def list_queued_jobs(self) -> list[WorkflowJob]:
+        """Jobs GitHub still has queued (repository scope), for recovering missed webhooks."""
+        if self._settings.repository is None:
+            return []
+        base = f"/repos/{self._settings.repository}/actions"
+        response = await self._request("GET", f"{base}/runs", params={"status": "queued", "per_page": 100})
+        jobs: list[WorkflowJob] = []
+        for run in response.json().get("workflow_runs", []):
+            listed = await self._request("GET", f"{base}/runs/{run['id']}/jobs", params={"per_page": 100})
+            for item in listed.json().get("jobs", []):
+                job = WorkflowJob.model_validate(item)
+                if job.status == "queued":
+                    jobs.append(job)
+        return jobs

@@ -20,26 +20,15 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from temporalio.client import Client, WorkflowHandle
-from temporalio.common import WorkflowIDReusePolicy
-from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.client import Client
 
 from mayfly.config import ConfigError, MayflySettings
-from mayfly.models import (
-    JobEvent,
-    JobInfo,
-    RunnerJobInput,
-    job_workflow_id,
-    owner_job_of,
-)
-from workflows.runner_job import RunnerJobWorkflow
+from mayfly.dispatch import DispatchUnavailable, JobDispatcher
+from mayfly.models import JobEvent, JobInfo
 
 log = logging.getLogger("mayfly.starter")
 
-RPC_TIMEOUT = timedelta(seconds=5)
 _JOB_ACTIONS = ("queued", "waiting", "in_progress", "completed")
-_UNAVAILABLE = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED)
 
 
 class WebhookRepository(BaseModel):
@@ -89,6 +78,7 @@ class WebhookStarter:
         self._settings = settings
         self._secret = settings.github.webhook_secret.get_secret_value().encode()
         self._client_provider = client_provider
+        self._dispatcher = JobDispatcher(settings)
         self.counters: Counter[str] = Counter()
 
     async def _client(self) -> Client:
@@ -130,6 +120,9 @@ class WebhookStarter:
         except json.JSONDecodeError as error:
             self.counters["rejected_malformed"] += 1
             return _answer(400, f"body is not JSON: {error.msg}")
+        except UnicodeDecodeError:
+            self.counters["rejected_malformed"] += 1
+            return _answer(400, "body is not UTF-8 JSON")
         except ValidationError as error:
             self.counters["rejected_malformed"] += 1
             first = error.errors()[0]
@@ -140,18 +133,22 @@ class WebhookStarter:
             return _answer(202, f"action {payload.action!r} ignored")
         try:
             return await self._dispatch(payload, request.headers.get("x-github-delivery", ""))
-        except TemporalUnavailable as error:
+        except (TemporalUnavailable, DispatchUnavailable) as error:
             self.counters["temporal_unavailable"] += 1
             log.warning("Temporal unavailable, asking GitHub to redeliver: %s", error)
             return _answer(503, "Temporal is unavailable; redeliver this event later")
 
     async def _dispatch(self, payload: WorkflowJobWebhook, delivery: str) -> JSONResponse:
         job = payload.workflow_job
-        pool = self._settings.pool_for(job.labels)
-        if pool is None:
-            self.counters["ignored_no_pool"] += 1
-            log.info("job %s labels %s match no pool; ignored", job.id, job.labels)
-            return _answer(202, "no pool serves these labels")
+        info = JobInfo(
+            job_id=job.id,
+            run_id=job.run_id,
+            run_attempt=job.run_attempt,
+            repository=payload.repository.full_name,
+            name=job.name,
+            labels=job.labels,
+            pool="",
+        )
         event = JobEvent(
             action=payload.action,
             job_id=job.id,
@@ -159,75 +156,14 @@ class WebhookStarter:
             conclusion=job.conclusion,
         )
         client = await self._client()
-        await self._signal_with_start(client, payload, pool.name, event)
-        owner = owner_job_of(job.runner_name or "", self._settings.github.runner_name_prefix)
-        if owner is not None and owner != job.id:
-            # The runner that took this job was started by another job's workflow; tell it too.
-            await self._signal_existing(client.get_workflow_handle(job_workflow_id(owner)), event)
+        pool = await self._dispatcher.dispatch(client, info, event)
+        if pool is None:
+            self.counters["ignored_no_pool"] += 1
+            log.info("job %s labels %s match no pool; ignored", job.id, job.labels)
+            return _answer(202, "no pool serves these labels")
         self.counters[f"accepted:{payload.action}"] += 1
-        log.info("delivery %s: job %s %s -> pool %s", delivery, job.id, payload.action, pool.name)
+        log.info("delivery %s: job %s %s -> pool %s", delivery, job.id, payload.action, pool)
         return _answer(200, "accepted")
-
-    async def _signal_with_start(
-        self, client: Client, payload: WorkflowJobWebhook, pool_name: str, event: JobEvent
-    ) -> None:
-        """Start the job's workflow with this event, or signal it if it is already running."""
-        job = payload.workflow_job
-        pool = self._settings.pool(pool_name)
-        params = RunnerJobInput(
-            job=JobInfo(
-                job_id=job.id,
-                run_id=job.run_id,
-                run_attempt=job.run_attempt,
-                repository=payload.repository.full_name,
-                name=job.name,
-                labels=job.labels,
-                pool=pool.name,
-            ),
-            pool_labels=pool.labels,
-            capacity=pool.max_runners,
-            semaphore_reap_interval_s=self._settings.semaphore_reap_interval_s,
-            registration_timeout_s=pool.registration_timeout_s,
-            max_registration_attempts=pool.max_registration_attempts,
-            idle_ttl_s=pool.idle_ttl_s,
-            max_lifetime_s=pool.max_lifetime_s,
-            runner_name_prefix=self._settings.github.runner_name_prefix,
-            github_task_queue=self._settings.temporal.github_task_queue,
-        )
-        try:
-            await client.start_workflow(
-                RunnerJobWorkflow.run,
-                params,
-                id=job_workflow_id(job.id),
-                task_queue=self._settings.temporal.task_queue,
-                start_signal="job_event",
-                start_signal_args=[event],
-                # A job's workflow runs once: a redelivered event for a finished job starts nothing.
-                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                static_summary=f"{payload.repository.full_name} job {job.id} ({pool.name})",
-                static_details=(
-                    f"**Repository:** {payload.repository.full_name}  \n**Job:** {job.name} (id {job.id}, "
-                    f"run {job.run_id} attempt {job.run_attempt})  \n**Labels:** {', '.join(job.labels)}  \n"
-                    f"**Pool:** {pool.name}"
-                ),
-                rpc_timeout=RPC_TIMEOUT,
-            )
-        except WorkflowAlreadyStartedError:
-            pass  # the job's workflow has already finished: this is a late or duplicate event
-        except RPCError as error:
-            if error.status in _UNAVAILABLE:
-                raise TemporalUnavailable(str(error)) from error
-            raise
-
-    async def _signal_existing(self, handle: WorkflowHandle[object, object], event: JobEvent) -> None:
-        try:
-            await handle.signal("job_event", event, rpc_timeout=RPC_TIMEOUT)
-        except RPCError as error:
-            if error.status == RPCStatusCode.NOT_FOUND:
-                return
-            if error.status in _UNAVAILABLE:
-                raise TemporalUnavailable(str(error)) from error
-            raise
 
     async def healthz(self, request: Request) -> JSONResponse:
         return _answer(200, "ok")

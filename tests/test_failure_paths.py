@@ -17,6 +17,7 @@ from mayfly.config import LocalBackendSettings
 from mayfly.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.github import GitHubClient
 from mayfly.models import JobPhase, RunnerJobState, job_workflow_id
+from simulator import FaultConfig
 from workflows.runner_job import RunnerJobWorkflow
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -149,3 +150,18 @@ async def test_sweeper_removes_orphans_and_leaves_other_runners_alone(
 
 async def _is(value: Awaitable[JobPhase | None], expected: JobPhase) -> bool:
     return await value == expected
+
+
+async def test_a_job_whose_queued_webhook_was_lost_is_recovered(
+    stack_factory: Callable[..., Awaitable[EmbeddedStack]],
+) -> None:
+    stack = await stack_factory(faults=FaultConfig(webhook_drop_rate=1.0))
+    (job_id,) = stack.queue_jobs(1, duration_s=1.0)
+    sim = stack.simulator
+    await sim.wait_for(lambda: any(d.job_id == job_id and d.dropped for d in sim.deliveries()), 10)
+    sim.set_faults(FaultConfig())
+    # Nothing will redeliver it; the sweeper's reconciliation finds the queued job on GitHub.
+    result = await asyncio.wait_for(job_handle(stack, job_id).result(), timeout=60)
+    assert sim.job(job_id).conclusion == "success"
+    assert result is not None
+    await until(lambda: nothing_left(stack))

@@ -144,3 +144,33 @@ def test_starter_refuses_to_run_without_a_secret(task_queue: str) -> None:
 
     with pytest.raises(ConfigError, match="webhook_secret"):
         create_starter_app(settings(task_queue, secret=None), provider)
+
+
+async def test_oversize_body_is_413(client: Client, task_queue: str) -> None:
+    body = b"{" + b" " * 1_000_001 + b"}"
+    async with starter_client(client, task_queue) as http:
+        response = await post(http, body, signature=sign(body))
+    assert response.status_code == 413
+
+
+async def test_temporal_down_then_back_the_redelivery_starts_the_workflow(
+    client: Client, task_queue: str
+) -> None:
+    temporal_up = False
+
+    async def flaky_provider() -> Client:
+        if not temporal_up:
+            raise RuntimeError("connection refused")
+        return client
+
+    app = create_starter_app(settings(task_queue), flaky_provider)
+    job_id = 950_001
+    body = json.dumps(job_payload(job_id)).encode()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://starter") as http:
+        assert (await post(http, body, signature=sign(body))).status_code == 503
+        assert not await workflow_exists(client, job_id)
+        temporal_up = True
+        # GitHub's redelivery carries the same body (and delivery id).
+        assert (await post(http, body, signature=sign(body))).status_code == 200
+    assert await workflow_exists(client, job_id)
+    await client.get_workflow_handle(job_workflow_id(job_id)).terminate("test cleanup")

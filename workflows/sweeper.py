@@ -60,6 +60,16 @@ class SweeperWorkflow:
             )
         reports.append(
             await workflow.execute_activity_method(
+                SweepActivities.queued_jobs,
+                summary="start workflows for queued jobs whose webhook was missed",
+                task_queue=params.github_task_queue or None,
+                start_to_close_timeout=SWEEP_TIMEOUT,
+                heartbeat_timeout=SWEEP_HEARTBEAT,
+                retry_policy=SWEEP_RETRY,
+            )
+        )
+        reports.append(
+            await workflow.execute_activity_method(
                 SweepActivities.registrations,
                 summary="sweep runner registrations",
                 task_queue=params.github_task_queue or None,
@@ -82,11 +92,13 @@ class SweeperWorkflow:
                 reports = []
             removed = [name for report in reports for name in report.removed]
             busy = [name for report in reports for name in report.busy]
+            recovered = [name for report in reports for name in report.recovered]
             self._total_removed += len(removed)
             self._sweeps += 1
             workflow.set_current_details(
                 f"last sweep removed {len(removed)} orphans ({', '.join(removed[:5]) or 'none'}); "
-                f"{len(busy)} busy, retried next time; {self._total_removed} removed in total"
+                f"{len(busy)} busy, retried next time; {self._total_removed} removed in total; "
+                f"{len(recovered)} queued jobs without a workflow recovered"
             )
             await workflow.sleep(timedelta(seconds=params.interval_s), summary="until the next sweep")
         params.total_removed = self._total_removed

@@ -1,0 +1,96 @@
+"""Turn one `workflow_job` event into Temporal calls: signal-with-start the job's workflow,
+and tell the workflow that owns the runner named in the event.
+
+Used by the webhook starter and by the reconciler that recovers missed deliveries, so both
+rely on the same Temporal id policies for deduplication instead of any in-memory state.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from mayfly.config import MayflySettings
+from mayfly.models import JobEvent, JobInfo, RunnerJobInput, job_workflow_id, owner_job_of
+from workflows.runner_job import RunnerJobWorkflow
+
+# Well inside GitHub's 10 s delivery timeout.
+RPC_TIMEOUT = timedelta(seconds=5)
+_UNAVAILABLE = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED)
+
+
+class DispatchUnavailable(Exception):
+    """Temporal could not be reached; the caller should let the event be delivered again."""
+
+
+class JobDispatcher:
+    def __init__(self, settings: MayflySettings) -> None:
+        self._settings = settings
+
+    def workflow_input(self, job: JobInfo, pool_name: str) -> RunnerJobInput:
+        pool = self._settings.pool(pool_name)
+        return RunnerJobInput(
+            job=job.model_copy(update={"pool": pool.name}),
+            pool_labels=pool.labels,
+            capacity=pool.max_runners,
+            semaphore_reap_interval_s=self._settings.semaphore_reap_interval_s,
+            registration_timeout_s=pool.registration_timeout_s,
+            max_registration_attempts=pool.max_registration_attempts,
+            idle_ttl_s=pool.idle_ttl_s,
+            max_lifetime_s=pool.max_lifetime_s,
+            runner_name_prefix=self._settings.github.runner_name_prefix,
+            github_task_queue=self._settings.temporal.github_task_queue,
+        )
+
+    async def dispatch(self, client: Client, job: JobInfo, event: JobEvent) -> str | None:
+        """The pool the job went to, or None when no pool serves its labels."""
+        pool = self._settings.pool_for(job.labels)
+        if pool is None:
+            return None
+        await self._signal_with_start(client, job, pool.name, event)
+        owner = owner_job_of(event.runner_name or "", self._settings.github.runner_name_prefix)
+        if owner is not None and owner != job.job_id:
+            # The runner that took this job was started by another job's workflow; tell it too.
+            await self._signal_existing(client, job_workflow_id(owner), event)
+        return pool.name
+
+    async def _signal_with_start(self, client: Client, job: JobInfo, pool_name: str, event: JobEvent) -> None:
+        labels = ", ".join(job.labels)
+        try:
+            await client.start_workflow(
+                RunnerJobWorkflow.run,
+                self.workflow_input(job, pool_name),
+                id=job_workflow_id(job.job_id),
+                task_queue=self._settings.temporal.task_queue,
+                start_signal="job_event",
+                start_signal_args=[event],
+                # A job's workflow runs once: a redelivered event for a finished job starts nothing.
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                static_summary=f"{job.repository} job {job.job_id} ({pool_name})",
+                static_details=(
+                    f"**Repository:** {job.repository}  \n**Job:** {job.name} (id {job.job_id}, "
+                    f"run {job.run_id} attempt {job.run_attempt})  \n**Labels:** {labels}  \n"
+                    f"**Pool:** {pool_name}"
+                ),
+                rpc_timeout=RPC_TIMEOUT,
+            )
+        except WorkflowAlreadyStartedError:
+            pass  # the job's workflow has already finished: this is a late or duplicate event
+        except RPCError as error:
+            if error.status in _UNAVAILABLE:
+                raise DispatchUnavailable(str(error)) from error
+            raise
+
+    async def _signal_existing(self, client: Client, workflow_id: str, event: JobEvent) -> None:
+        try:
+            await client.get_workflow_handle(workflow_id).signal("job_event", event, rpc_timeout=RPC_TIMEOUT)
+        except RPCError as error:
+            if error.status == RPCStatusCode.NOT_FOUND:
+                return
+            if error.status in _UNAVAILABLE:
+                raise DispatchUnavailable(str(error)) from error
+            raise
