@@ -23,6 +23,7 @@ from activities.containers import ContainerActivities
 from activities.github import GitHubActivities
 from activities.slots import SlotActivities
 from activities.sweep import SweepActivities
+from mayfly import search_attributes
 from mayfly.backends import ContainerBackend
 from mayfly.backends.factory import build_backends
 from mayfly.config import ConfigError, MayflySettings, load_settings
@@ -126,6 +127,13 @@ async def sync_capacities(client: Client, settings: MayflySettings) -> None:
 
 async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
     client = await connect(settings.temporal)
+    absent = await search_attributes.missing(client, settings.temporal.namespace)
+    if absent:
+        # Starting without them would leave every job workflow stuck on its first task.
+        raise ConfigError(
+            f"namespace {settings.temporal.namespace!r} lacks search attributes {', '.join(absent)}; "
+            "run `mayfly setup` once"
+        )
     github = GitHubClient(settings.github)
     try:
         workers = build_workers(
@@ -161,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         await run_worker(settings, stop)
 
-    asyncio.run(_main())
+    try:
+        asyncio.run(_main())
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
     return 0
 
 

@@ -18,19 +18,17 @@ import statistics
 import sys
 import time
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import BaseModel
 from temporalio import workflow
 from temporalio.client import Client
-from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.slots import SlotActivities
-from mayfly.devserver import temporal_cli
+from mayfly.devserver import local_environment
 from mayfly.models import SlotGrant, semaphore_workflow_id
-from mayfly.temporal import DATA_CONVERTER
 from tests.slot_holder import HolderInput
 from workflows.slot_lease import SlotLease
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
@@ -123,11 +121,7 @@ async def main() -> None:
     parser.add_argument("--idle-samples", type=int, default=30)
     args = parser.parse_args()
 
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_cli(),
-        data_converter=DATA_CONVERTER,
-        dev_server_startup_timeout=timedelta(seconds=30),
-    )
+    env = await local_environment()
     task_queue = f"bench-{uuid.uuid4().hex[:6]}"
     slots = SlotActivities({})
     async with Worker(

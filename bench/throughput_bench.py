@@ -24,19 +24,16 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import httpx
 from temporalio.client import Client
-from temporalio.testing import WorkflowEnvironment
 
 from mayfly.backends.local import LocalProcessBackend
 from mayfly.config import LocalBackendSettings
-from mayfly.devserver import temporal_cli
+from mayfly.devserver import local_environment
 from mayfly.embedded import DEMO_LABELS, SIMULATED_RUNNER, EmbeddedStack
 from mayfly.models import RunnerJobResult, job_workflow_id
-from mayfly.temporal import DATA_CONVERTER
 from simulator import FaultConfig, GitHubSimulator
 
 
@@ -182,11 +179,7 @@ async def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800.0)
     args = parser.parse_args()
 
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_cli(),
-        data_converter=DATA_CONVERTER,
-        dev_server_startup_timeout=timedelta(seconds=30),
-    )
+    env = await local_environment()
     with tempfile.TemporaryDirectory() as tmp:
         mayfly = await run_mayfly(env.client, args, Path(tmp) / "mayfly")
         naive = await run_naive(args, Path(tmp))

@@ -17,16 +17,13 @@ import os
 import secrets
 import sys
 import uuid
-from datetime import timedelta
 
 from temporalio.client import Client
-from temporalio.testing import WorkflowEnvironment
 
 from mayfly.config import GitHubSettings, MayflySettings, PoolSettings, TemporalSettings
-from mayfly.devserver import temporal_cli
+from mayfly.devserver import local_environment
 from mayfly.serving import serve
 from mayfly.starter import create_starter_app
-from mayfly.temporal import DATA_CONVERTER
 
 
 async def main() -> None:
@@ -34,11 +31,7 @@ async def main() -> None:
     parser.add_argument("--rps", type=float, default=100)
     parser.add_argument("--seconds", type=float, default=30)
     args = parser.parse_args()
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_cli(),
-        data_converter=DATA_CONVERTER,
-        dev_server_startup_timeout=timedelta(seconds=30),
-    )
+    env = await local_environment()
     secret = secrets.token_hex(16)
     settings = MayflySettings(
         github=GitHubSettings(repository="acme/widgets", token="unused", webhook_secret=secret),

@@ -4,6 +4,7 @@ mayfly dev [--jobs N]     the embedded default: dev server, simulator, starter, 
 mayfly worker             run a worker against a Temporal cluster
 mayfly starter            run the webhook starter (the URL GitHub calls)
 mayfly status             show each pool's slots
+mayfly setup              register Mayfly's search attributes on an existing Temporal namespace
 """
 
 from __future__ import annotations
@@ -98,6 +99,19 @@ async def _status(settings: MayflySettings) -> int:
     return 0
 
 
+async def _setup(settings: MayflySettings) -> int:
+    from mayfly import search_attributes
+
+    client = await connect(settings.temporal)
+    added = await search_attributes.register(client, settings.temporal.namespace)
+    print(
+        f"registered search attributes: {', '.join(added)}"
+        if added
+        else "search attributes already registered"
+    )
+    return 0
+
+
 async def _starter(settings: MayflySettings) -> int:
     from mayfly.serving import serve
     from mayfly.starter import create_starter_app
@@ -136,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--starter-port", type=int, default=8080)
     dev.add_argument("--timeout", type=float, default=600.0)
     dev.add_argument("--exit-when-done", action="store_true", help="stop once the demo jobs finish")
-    for name in ("worker", "starter", "status"):
+    for name in ("worker", "starter", "status", "setup"):
         command = sub.add_parser(name)
         command.add_argument("--config", type=Path, help="TOML config file (or set MAYFLY_CONFIG)")
     args = parser.parse_args(argv)
@@ -156,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         if args.command == "starter":
             return asyncio.run(_starter(settings))
+        if args.command == "setup":
+            return asyncio.run(_setup(settings))
         return asyncio.run(_status(settings))
     return 130
 

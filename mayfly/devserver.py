@@ -6,10 +6,13 @@ import asyncio
 import shutil
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
 
+from mayfly import search_attributes
 from mayfly.temporal import DATA_CONVERTER
 
 
@@ -57,6 +60,7 @@ class DevServer:
                 str(self._db_file),
                 "--log-level",
                 "warn",
+                *search_attributes.dev_server_flags(),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -86,3 +90,14 @@ class DevServer:
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
+
+
+async def local_environment(extra_args: list[str] | None = None) -> WorkflowEnvironment:
+    """A throwaway dev server (in-memory) with Mayfly's search attributes, for tests and benchmarks."""
+    return await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_cli(),
+        data_converter=DATA_CONVERTER,
+        dev_server_startup_timeout=timedelta(seconds=30),
+        search_attributes=search_attributes.ALL,
+        dev_server_extra_args=extra_args or [],
+    )

@@ -10,10 +10,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio.client import Client
-from temporalio.common import WorkflowIDReusePolicy
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from mayfly import search_attributes
 from mayfly.config import MayflySettings
 from mayfly.models import JobEvent, JobInfo, RunnerJobInput, job_workflow_id, owner_job_of
 from workflows.runner_job import RunnerJobWorkflow
@@ -75,6 +76,14 @@ class JobDispatcher:
                     f"**Repository:** {job.repository}  \n**Job:** {job.name} (id {job.job_id}, "
                     f"run {job.run_id} attempt {job.run_attempt})  \n**Labels:** {labels}  \n"
                     f"**Pool:** {pool_name}"
+                ),
+                search_attributes=TypedSearchAttributes(
+                    [
+                        SearchAttributePair(search_attributes.POOL, pool_name),
+                        SearchAttributePair(search_attributes.REPOSITORY, job.repository),
+                        SearchAttributePair(search_attributes.JOB_ID, job.job_id),
+                        SearchAttributePair(search_attributes.STATE, "queued"),
+                    ]
                 ),
                 rpc_timeout=RPC_TIMEOUT,
             )

@@ -158,6 +158,17 @@ class EmbeddedStack:
     def queue_jobs(self, count: int, *, duration_s: float = 3.0) -> list[int]:
         return [self.simulator.queue_job(DEMO_LABELS, duration_s=duration_s) for _ in range(count)]
 
+    async def wait_workflow_started(self, job_id: int, within_s: float = 30) -> None:
+        """Until the starter has accepted the job's `queued` delivery, i.e. its workflow exists."""
+        await self.simulator.wait_for(
+            lambda: any(
+                d.job_id == job_id and d.action == "queued" and d.status_code == 200
+                for d in self.simulator.deliveries()
+            ),
+            within_s,
+            description=f"queued webhook of job {job_id} accepted",
+        )
+
     async def wait_jobs_finished(self, job_ids: list[int], within_s: float) -> None:
         """Until each job's workflow has closed (GitHub side done and its runner torn down)."""
         await self.simulator.wait_for(

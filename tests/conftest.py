@@ -4,31 +4,23 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from mayfly.devserver import temporal_cli
-from mayfly.temporal import DATA_CONVERTER
+from mayfly.devserver import local_environment
 
 CAN_EVENTS = 300
 
 
 @pytest.fixture(scope="session")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=temporal_cli(),
-        data_converter=DATA_CONVERTER,
-        dev_server_startup_timeout=timedelta(seconds=30),
-        # Low enough that the semaphores continue-as-new many times during the suite, with
-        # acquirers in flight; the default (4096 events) would never trigger it here.
-        dev_server_extra_args=[
-            "--dynamic-config-value",
-            f"limit.historyCount.suggestContinueAsNew={CAN_EVENTS}",
-        ],
+    # Low enough that the semaphores continue-as-new many times during the suite, with
+    # acquirers in flight; the default (4096 events) would never trigger it here.
+    env = await local_environment(
+        ["--dynamic-config-value", f"limit.historyCount.suggestContinueAsNew={CAN_EVENTS}"]
     )
     try:
         yield env

@@ -106,6 +106,7 @@ async def test_a_runner_that_never_registers_is_retried_then_fails_clearly(
         max_runners=1, runner_command=SLEEPER, registration_timeout_s=3.0, max_registration_attempts=2
     )
     (job_id,) = stack.queue_jobs(1)
+    await stack.wait_workflow_started(job_id)
     with pytest.raises(WorkflowFailureError) as failure:
         await job_handle(stack, job_id).result()
     cause = failure.value.cause
@@ -161,7 +162,8 @@ async def test_a_job_whose_queued_webhook_was_lost_is_recovered(
     await sim.wait_for(lambda: any(d.job_id == job_id and d.dropped for d in sim.deliveries()), 10)
     sim.set_faults(FaultConfig())
     # Nothing will redeliver it; the sweeper's reconciliation finds the queued job on GitHub.
-    result = await asyncio.wait_for(job_handle(stack, job_id).result(), timeout=60)
+    await until(lambda: _is(phase(stack, job_id), JobPhase.DONE), within_s=60)
+    result = await job_handle(stack, job_id).result()
     assert sim.job(job_id).conclusion == "success"
     assert result is not None
     await until(lambda: nothing_left(stack))

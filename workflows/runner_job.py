@@ -20,6 +20,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from activities.containers import ContainerActivities
     from activities.github import GitHubActivities
+    from mayfly import search_attributes
     from mayfly.models import (
         ContainerExit,
         ContainerRef,
@@ -79,6 +80,7 @@ class RunnerJobWorkflow:
         self._failures = 0
         self._last_error: str | None = None
         self._events_seen = 0
+        self._runner_attribute: str | None = None
 
     # --- messages -------------------------------------------------------------------------
 
@@ -128,6 +130,15 @@ class RunnerJobWorkflow:
         return self._job_status == "queued"
 
     def _set_phase(self, phase: JobPhase, details: str) -> None:
+        updates = []
+        if phase is not self._phase:
+            updates.append(search_attributes.STATE.value_set(phase.value))
+        runner = self._runner.name if self._runner else None
+        if runner is not None and runner != self._runner_attribute:
+            updates.append(search_attributes.RUNNER.value_set(runner))
+            self._runner_attribute = runner
+        if updates:
+            workflow.upsert_search_attributes(updates)
         self._phase = phase
         workflow.set_current_details(f"**{phase.value}**: {details}")
 
@@ -165,8 +176,10 @@ class RunnerJobWorkflow:
                 await self._run_one_runner()
             self._set_phase(JobPhase.DONE, f"served by `{self._served_by}`")
             return self._result("served")
-        except BaseException:
-            self._phase = JobPhase.FAILED
+        except BaseException as error:
+            # Eviction is not a failure of the job; anything else is, and the UI should say so.
+            if isinstance(error, (ApplicationError, ActivityError, asyncio.CancelledError)):
+                self._set_phase(JobPhase.FAILED, f"{type(error).__name__}: {error}")
             raise
         finally:
             await self._lease.release()
