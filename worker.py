@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Mapping
@@ -137,7 +138,12 @@ async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
     github = GitHubClient(settings.github)
     try:
         workers = build_workers(
-            client, settings, github=github, backends=build_backends(settings), sealer=sealer_for(settings)
+            client,
+            settings,
+            github=github,
+            backends=build_backends(settings),
+            sealer=sealer_for(settings),
+            graceful_shutdown_s=settings.worker_graceful_shutdown_s,
         )
         async with contextlib.AsyncExitStack() as running:
             for worker in workers:
@@ -174,8 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
+    log.info("worker stopped")
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Exit without interpreter finalisation, where the SDK's native runtime can abort (sdk-python#300)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -3,15 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from typing import Any, TypeVar
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.errors import backend_failure
+from activities.errors import backend_failure, redacted
 from mayfly.backends import BackendError, ContainerBackend, ContainerState
 from mayfly.models import ContainerExit, ContainerRef, ContainerSpec
 from mayfly.sealing import Sealer, SealingError
+
+T = TypeVar("T")
+
+
+HEARTBEAT_EVERY_S = 10.0
+
+
+async def _heartbeating(work: Coroutine[Any, Any, T]) -> T:
+    """A GPU sandbox create can block for minutes; heartbeats keep the activity visibly alive
+    and let a cancellation reach it."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY_S)
+            if done:
+                return task.result()
+            activity.heartbeat()
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 class ContainerActivities:
@@ -38,15 +59,22 @@ class ContainerActivities:
         except SealingError as error:
             raise ApplicationError(str(error), type="SealingError", non_retryable=True) from None
         try:
-            record = await backend.spawn(
-                name=spec.name,
-                owner_workflow_id=spec.owner_workflow_id,
-                job_id=spec.job_id,
-                jit_config=jit_config,
-                max_lifetime_s=spec.max_lifetime_s,
+            record = await _heartbeating(
+                backend.spawn(
+                    name=spec.name,
+                    owner_workflow_id=spec.owner_workflow_id,
+                    job_id=spec.job_id,
+                    jit_config=jit_config,
+                    max_lifetime_s=spec.max_lifetime_s,
+                )
             )
         except BackendError as error:
-            raise backend_failure(error) from None
+            # A provider may echo the environment it was given; the failure lands in history.
+            raise backend_failure(error, redact=[jit_config]) from None
+        except Exception as error:
+            raise ApplicationError(
+                redacted(f"{type(error).__name__}: {error}", [jit_config]), type="SpawnFailed"
+            ) from None
         return ContainerRef(pool=spec.pool, name=record.name, backend_id=record.backend_id)
 
     @activity.defn(name="containers.wait_exit")

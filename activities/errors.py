@@ -28,5 +28,14 @@ def github_failure(error: GitHubError) -> ApplicationError:
     )
 
 
-def backend_failure(error: BackendError) -> ApplicationError:
-    return ApplicationError(str(error), type=type(error).__name__, non_retryable=not error.retryable)
+def redacted(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+def backend_failure(error: BackendError, *, redact: list[str] | None = None) -> ApplicationError:
+    return ApplicationError(
+        redacted(str(error), redact or []), type=type(error).__name__, non_retryable=not error.retryable
+    )

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         import worker
 
-        return worker.main(["--config", str(args.config)] if args.config else [])
+        worker.exit_now(worker.main(["--config", str(args.config)] if args.config else []))
     try:
         settings = load_settings(args.config)
     except ConfigError as error:

@@ -28,16 +28,29 @@ class LocalBackendSettings(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
 
 
+RUNNER_VERSION = "2.336.0"
+
+
 class ModalBackendSettings(BaseModel):
     kind: Literal["modal"] = "modal"
-    app_name: str = "mayfly-runners"
+    app_name: str = Field(default="mayfly-runners", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    # Credentials come from MODAL_TOKEN_ID / MODAL_TOKEN_SECRET or ~/.modal.toml, as for the modal CLI.
     environment: str | None = None
+    # A registry image with the actions runner in /opt/actions-runner; by default Mayfly builds
+    # one from debian-slim with the pinned runner release below.
     image: str | None = None
+    runner_version: str = RUNNER_VERSION
+    # The listener itself, not run.sh: run.sh exits 0 even when the listener failed.
+    command: list[str] = Field(
+        default_factory=lambda: ["/opt/actions-runner/bin/Runner.Listener", "run"], min_length=1
+    )
     gpu: str | None = None
-    cpu: float | None = None
-    memory_mib: int | None = None
+    cpu: float | None = Field(default=None, gt=0)
+    memory_mib: int | None = Field(default=None, gt=0)
     region: str | None = None
     cloud: str | None = None
+    # Bounds how long Modal's server-directed throttling may hold a create (MODAL_MAX_THROTTLE_WAIT).
+    max_throttle_wait_s: int = Field(default=300, ge=0)
 
 
 BackendSettings = Annotated[LocalBackendSettings | ModalBackendSettings, Field(discriminator="kind")]
@@ -144,6 +157,8 @@ class MayflySettings(BaseSettings):
     secret_key: SecretStr | None = None
     semaphore_reap_interval_s: float = Field(default=20.0, gt=0)
     sweep_interval_s: float = Field(default=60.0, gt=0)
+    # Keep it below the orchestrator's kill deadline (Kubernetes terminationGracePeriodSeconds).
+    worker_graceful_shutdown_s: float = Field(default=30.0, ge=0)
 
     @field_validator("pools")
     @classmethod

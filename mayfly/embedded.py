@@ -60,6 +60,8 @@ class EmbeddedStack:
         starter_port: int = 0,
         faults: FaultConfig | None = None,
         wrap_backend: Callable[[ContainerBackend], ContainerBackend] | None = None,
+        run_worker: bool = True,
+        secret_key: str | None = None,
     ) -> None:
         self.client = client
         self._state_dir = state_dir
@@ -91,6 +93,8 @@ class EmbeddedStack:
         self._webhook_secret = webhook_secret
         self._task_queue = task_queue
         self._reap_interval_s = semaphore_reap_interval_s
+        self._run_worker = run_worker
+        self._secret_key = secret_key
         self._sweep_interval_s = sweep_interval_s
         self.settings: MayflySettings | None = None
         self.backend = LocalProcessBackend(self._pool.backend)  # type: ignore[arg-type]
@@ -100,6 +104,10 @@ class EmbeddedStack:
         self._starter: RunningServer | None = None
         self._workers: list[Worker] = []
         self._worker_tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def backend_state_dir(self) -> Path:
+        return self._state_dir / "local-backend"
 
     @property
     def starter_url(self) -> str:
@@ -131,17 +139,23 @@ class EmbeddedStack:
         )
         self.simulator.webhook_url = self.starter_url
         self._github = GitHubClient(self.settings.github)
+        if self._run_worker:
+            await self.start_workers()
+
+    async def start_workers(self) -> None:
+        assert self.settings is not None and self._github is not None
+        sealer = Sealer.from_secret(self._secret_key) if self._secret_key else Sealer.ephemeral()
         self._workers = build_workers(
-            client,
+            self.client,
             self.settings,
             github=self._github,
             backends={self._pool.name: self._worker_backend},
-            sealer=Sealer.ephemeral(),
+            sealer=sealer,
             registration_poll_s=1.0,
             graceful_shutdown_s=5.0,
         )
         self._worker_tasks = [asyncio.create_task(worker.run()) for worker in self._workers]
-        await start_sweeper(client, self.settings)
+        await start_sweeper(self.client, self.settings)
 
     async def stop(self) -> None:
         if self._starter is not None:
@@ -171,11 +185,16 @@ class EmbeddedStack:
 
     async def wait_jobs_finished(self, job_ids: list[int], within_s: float) -> None:
         """Until each job's workflow has closed (GitHub side done and its runner torn down)."""
-        await self.simulator.wait_for(
-            lambda: all(self.simulator.job(job_id).status == "completed" for job_id in job_ids),
-            within_s,
-            description="all jobs completed",
-        )
+        remaining = set(job_ids)
+
+        def all_completed() -> bool:
+            # Called after every simulator change: drop finished jobs so each check stays cheap.
+            remaining.difference_update(
+                [job_id for job_id in remaining if self.simulator.job(job_id).status == "completed"]
+            )
+            return not remaining
+
+        await self.simulator.wait_for(all_completed, within_s, description="all jobs completed")
         async with asyncio.timeout(within_s):
             for job_id in job_ids:
                 await self.client.get_workflow_handle(job_workflow_id(job_id)).result()

@@ -454,10 +454,7 @@ class GitHubSimulator:
         return self.state.job_views()
 
     def job(self, job_id: int) -> JobView:
-        for view in self.state.job_views():
-            if view.id == job_id:
-                return view
-        raise KeyError(job_id)
+        return self.state.job_view(job_id)
 
     def runners(self) -> list[RunnerView]:
         return self.state.runner_views()

@@ -227,20 +227,25 @@ class SimState:
         return [self._view(r) for r in self._runners.values() if name is None or r.name == name]
 
     def job_views(self) -> list[JobView]:
-        return [
-            JobView(
-                id=j.id,
-                run_id=j.run_id,
-                name=j.name,
-                labels=list(j.labels),
-                status=j.status,
-                conclusion=j.conclusion,
-                runner_id=j.runner_id,
-                runner_name=j.runner_name,
-                duration_s=j.duration_s,
-            )
-            for j in self._jobs.values()
-        ]
+        return [self._job_view(j) for j in self._jobs.values()]
+
+    def job_view(self, job_id: int) -> JobView:
+        """One job, by id; KeyError if unknown. O(1): test predicates call it after every change."""
+        return self._job_view(self._jobs[job_id])
+
+    @staticmethod
+    def _job_view(j: _Job) -> JobView:
+        return JobView(
+            id=j.id,
+            run_id=j.run_id,
+            name=j.name,
+            labels=list(j.labels),
+            status=j.status,
+            conclusion=j.conclusion,
+            runner_id=j.runner_id,
+            runner_name=j.runner_name,
+            duration_s=j.duration_s,
+        )
 
     def workflow_job(self, job_id: int) -> WorkflowJobView:
         job = self._jobs.get(job_id)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from mayfly.backends.base import ContainerBackend
 from mayfly.backends.local import LocalProcessBackend
-from mayfly.config import ConfigError, LocalBackendSettings, MayflySettings
+from mayfly.backends.modal import ModalBackend
+from mayfly.config import LocalBackendSettings, MayflySettings
 
 
 def build_backends(settings: MayflySettings) -> dict[str, ContainerBackend]:
@@ -13,5 +14,5 @@ def build_backends(settings: MayflySettings) -> dict[str, ContainerBackend]:
         if isinstance(pool.backend, LocalBackendSettings):
             backends[pool.name] = LocalProcessBackend(pool.backend)
         else:
-            raise ConfigError(f"pools.{pool.name}.backend: kind {pool.backend.kind!r} is not available yet")
+            backends[pool.name] = ModalBackend(pool.backend, pool.name)
     return backends
