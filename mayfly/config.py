@@ -39,6 +39,8 @@ class ModalBackendSettings(BaseModel):
     # A registry image with the actions runner in /opt/actions-runner; by default Mayfly builds
     # one from debian-slim with the pinned runner release below.
     image: str | None = None
+    # Modal expects python in an image; set this (e.g. "3.12") for registry images without one.
+    image_add_python: str | None = None
     runner_version: str = RUNNER_VERSION
     # The listener itself, not run.sh: run.sh exits 0 even when the listener failed.
     command: list[str] = Field(

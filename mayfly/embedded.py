@@ -61,6 +61,7 @@ class EmbeddedStack:
         faults: FaultConfig | None = None,
         wrap_backend: Callable[[ContainerBackend], ContainerBackend] | None = None,
         run_worker: bool = True,
+        backend: ContainerBackend | None = None,
         secret_key: str | None = None,
     ) -> None:
         self.client = client
@@ -97,7 +98,7 @@ class EmbeddedStack:
         self._secret_key = secret_key
         self._sweep_interval_s = sweep_interval_s
         self.settings: MayflySettings | None = None
-        self.backend = LocalProcessBackend(self._pool.backend)  # type: ignore[arg-type]
+        self.backend: ContainerBackend = backend or LocalProcessBackend(self._pool.backend)  # type: ignore[arg-type]
         # The worker may see the backend through a fault-injecting wrapper; checks use the real one.
         self._worker_backend: ContainerBackend = wrap_backend(self.backend) if wrap_backend else self.backend
         self._github: GitHubClient | None = None

@@ -73,7 +73,9 @@ class ModalBackend:
 
         if self._image is None:
             if self._settings.image:
-                self._image = modal.Image.from_registry(self._settings.image)
+                self._image = modal.Image.from_registry(
+                    self._settings.image, add_python=self._settings.image_add_python
+                )
             else:
                 version = self._settings.runner_version
                 tarball = (
