@@ -29,6 +29,7 @@ from mayfly.backends import ContainerBackend
 from mayfly.backends.factory import build_backends
 from mayfly.config import ConfigError, MayflySettings, load_settings
 from mayfly.github import GitHubClient
+from mayfly.metrics import prometheus_runtime
 from mayfly.models import SemaphoreInput, semaphore_workflow_id
 from mayfly.sealing import Sealer
 from mayfly.temporal import connect
@@ -127,7 +128,8 @@ async def sync_capacities(client: Client, settings: MayflySettings) -> None:
 
 
 async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
-    client = await connect(settings.temporal)
+    runtime = prometheus_runtime(settings.metrics_bind_address) if settings.metrics_bind_address else None
+    client = await connect(settings.temporal, runtime)
     absent = await search_attributes.missing(client, settings.temporal.namespace)
     if absent:
         # Starting without them would leave every job workflow stuck on its first task.

@@ -161,6 +161,8 @@ class MayflySettings(BaseSettings):
     sweep_interval_s: float = Field(default=60.0, gt=0)
     # Keep it below the orchestrator's kill deadline (Kubernetes terminationGracePeriodSeconds).
     worker_graceful_shutdown_s: float = Field(default=30.0, ge=0)
+    # host:port for the worker's Prometheus endpoint (SDK and Mayfly metrics); unset = off.
+    metrics_bind_address: str | None = Field(default=None, pattern=r"^[\w.-]+:\d{1,5}$")
 
     @field_validator("pools")
     @classmethod

@@ -18,7 +18,7 @@ from datetime import timedelta
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from temporalio.client import Client
 
@@ -165,6 +165,17 @@ class WebhookStarter:
         log.info("delivery %s: job %s %s -> pool %s", delivery, job.id, payload.action, pool)
         return _answer(200, "accepted")
 
+    async def metrics(self, request: Request) -> PlainTextResponse:
+        """The starter's counters in Prometheus text format."""
+        lines = [
+            "# HELP mayfly_webhook_deliveries_total Webhook deliveries by outcome",
+            "# TYPE mayfly_webhook_deliveries_total counter",
+        ]
+        for outcome, count in sorted(self.counters.items()):
+            label = outcome.replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(f'mayfly_webhook_deliveries_total{{outcome="{label}"}} {count}')
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
     async def healthz(self, request: Request) -> JSONResponse:
         return _answer(200, "ok")
 
@@ -184,6 +195,7 @@ def create_starter_app(settings: MayflySettings, client_provider: ClientProvider
             Route("/webhook", starter.handle, methods=["POST"]),
             Route("/healthz", starter.healthz, methods=["GET"]),
             Route("/readyz", starter.readyz, methods=["GET"]),
+            Route("/metrics", starter.metrics, methods=["GET"]),
         ]
     )
     app.state.starter = starter

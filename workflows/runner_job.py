@@ -14,13 +14,13 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import MetricMeter, RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.containers import ContainerActivities
     from activities.github import GitHubActivities
-    from mayfly import search_attributes
+    from mayfly import metrics, search_attributes
     from mayfly.models import (
         ContainerExit,
         ContainerRef,
@@ -123,6 +123,16 @@ class RunnerJobWorkflow:
 
     # --- main -----------------------------------------------------------------------------
 
+    def _meter(self) -> MetricMeter:
+        return workflow.metric_meter().with_additional_attributes({"pool": self._params.job.pool})
+
+    def _registration_failed(self, cause: str, message: str) -> None:
+        self._failures += 1
+        self._last_error = message
+        self._meter().create_counter(
+            metrics.REGISTRATION_FAILURES, "runner attempts that never came online"
+        ).add(1, {"cause": cause})
+
     def _github_queue(self) -> str | None:
         return self._params.github_task_queue or None
 
@@ -139,6 +149,10 @@ class RunnerJobWorkflow:
             self._runner_attribute = runner
         if updates:
             workflow.upsert_search_attributes(updates)
+        if phase is not self._phase:
+            self._meter().create_counter(metrics.JOB_PHASES, "job workflows entering each phase").add(
+                1, {"phase": phase.value}
+            )
         self._phase = phase
         workflow.set_current_details(f"**{phase.value}**: {details}")
 
@@ -228,9 +242,14 @@ class RunnerJobWorkflow:
             except ActivityError as error:
                 if _permanent(error):
                     raise
-                self._failures += 1
-                self._last_error = f"{track.name}: {error.cause or error}"
+                cause = "mint" if minted is None else "spawn"
+                self._registration_failed(cause, f"{track.name}: {error.cause or error}")
                 return
+            self._meter().create_histogram_float(
+                metrics.WEBHOOK_TO_SPAWN_SECONDS,
+                "from the job's workflow start to its container running",
+                "s",
+            ).record((workflow.now() - workflow.info().start_time).total_seconds())
             exit_task = workflow.start_activity_method(
                 ContainerActivities.wait_exit,
                 container,
@@ -241,9 +260,9 @@ class RunnerJobWorkflow:
             )
             self._set_phase(JobPhase.REGISTERING, f"`{track.name}` to come online")
             if not await self._confirm_registration(track, minted, exit_task):
-                self._failures += 1
-                self._last_error = (
-                    f"{track.name} did not come online within {params.registration_timeout_s:.0f}s"
+                cause = "exited" if exit_task.done() else "timeout"
+                self._registration_failed(
+                    cause, f"{track.name} did not come online within {params.registration_timeout_s:.0f}s"
                 )
                 return
             self._set_phase(JobPhase.RUNNING, f"`{track.name}` is online")

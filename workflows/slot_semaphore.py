@@ -11,10 +11,12 @@ import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
+from temporalio.common import MetricMeter
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.slots import SlotActivities
+    from mayfly import metrics
     from mayfly.models import (
         AcquireRequest,
         DeadHolderCheck,
@@ -40,9 +42,12 @@ class SlotSemaphoreWorkflow:
         # task round trip per grant and serialise every handoff behind the previous one.
         self._grants_in_flight: set[asyncio.Task[None]] = set()
         self._reap: asyncio.Task[list[str]] | None = None
+        # Set by every signal so the loop refreshes the UI details and gauges after it.
+        self._dirty = False
 
     @workflow.signal
     def acquire(self, request: AcquireRequest) -> None:
+        self._dirty = True
         rid = request.request_id
         if rid in self._s.holders or rid in self._released:
             return
@@ -52,11 +57,13 @@ class SlotSemaphoreWorkflow:
 
     @workflow.signal
     def release(self, request: ReleaseRequest) -> None:
+        self._dirty = True
         self._forget(request.request_id)
 
     @workflow.signal
     def set_capacity(self, capacity: int) -> None:
         # Lowering the cap never revokes a held slot; it only holds back new grants.
+        self._dirty = True
         self._s.capacity = max(0, capacity)
 
     @workflow.query
@@ -99,8 +106,12 @@ class SlotSemaphoreWorkflow:
 
     def _grant_next(self) -> None:
         request = self._s.waiters.pop(0)
-        self._s.holders[request.request_id] = Holder(request=request, granted_at=workflow.now())
+        granted_at = workflow.now()
+        self._s.holders[request.request_id] = Holder(request=request, granted_at=granted_at)
         self._s.granted_total += 1
+        self._meter().create_histogram_float(
+            metrics.SLOT_WAIT_SECONDS, "from asking for a slot to being granted one", "s"
+        ).record((granted_at - request.requested_at).total_seconds())
         task = asyncio.create_task(self._send_grant(request))
         self._grants_in_flight.add(task)
         task.add_done_callback(self._grants_in_flight.discard)
@@ -138,14 +149,26 @@ class SlotSemaphoreWorkflow:
         for request_id in dead:
             if request_id in self._s.holders:
                 self._s.reclaimed_total += 1
+                self._meter().create_counter(metrics.SLOTS_RECLAIMED, "slots freed from closed holders").add(
+                    1
+                )
                 self._forget(request_id)
+
+    def _meter(self) -> MetricMeter:
+        return workflow.metric_meter().with_additional_attributes({"pool": self._s.pool})
+
+    def _publish_gauges(self) -> None:
+        meter = self._meter()
+        meter.create_gauge(metrics.SLOTS_HELD, "slots held by job workflows").set(len(self._s.holders))
+        meter.create_gauge(metrics.SLOT_WAITERS, "job workflows waiting for a slot").set(len(self._s.waiters))
+        meter.create_gauge(metrics.SLOT_CAPACITY, "the pool's cap").set(self._s.capacity)
 
     def _quiescent(self) -> bool:
         return not self._grants_in_flight and workflow.all_handlers_finished()
 
     def _has_work(self) -> bool:
         reaped = self._reap is not None and self._reap.done()
-        return self._can_grant() or reaped or workflow.info().is_continue_as_new_suggested()
+        return self._dirty or self._can_grant() or reaped or workflow.info().is_continue_as_new_suggested()
 
     @workflow.run
     async def run(self, state: SemaphoreInput) -> None:
@@ -157,9 +180,11 @@ class SlotSemaphoreWorkflow:
             if self._reap is not None and self._reap.done():
                 await self._finish_reap()
                 continue
+            self._dirty = False
             workflow.set_current_details(
                 f"**{len(self._s.holders)}/{self._s.capacity}** slots held, {len(self._s.waiters)} waiting"
             )
+            self._publish_gauges()
             if workflow.info().is_continue_as_new_suggested():
                 # Everything in flight must land in self._s before it is carried over.
                 await workflow.wait_condition(

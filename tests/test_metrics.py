@@ -1,0 +1,62 @@
+"""Prometheus metrics: the SDK's and Mayfly's per-pool figures on the worker's endpoint, and
+the starter's delivery counters."""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+
+import httpx
+from temporalio.client import Client
+
+from mayfly.embedded import EmbeddedStack
+from mayfly.metrics import prometheus_runtime
+from mayfly.temporal import DATA_CONVERTER
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the first sample of `name` whose labels include `labels`."""
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
+        if match and all(f'{key}="{value}"' in (match[1] or "") for key, value in labels.items()):
+            return float(match[2])
+    return None
+
+
+async def test_worker_and_starter_expose_mayfly_metrics(
+    client: Client, task_queue: str, pool_name: str, state_dir: Path
+) -> None:
+    port = free_port()
+    metered = await Client.connect(
+        client.service_client.config.target_host,
+        data_converter=DATA_CONVERTER,
+        runtime=prometheus_runtime(f"127.0.0.1:{port}"),
+    )
+    stack = EmbeddedStack(metered, state_dir=state_dir, task_queue=task_queue, pool=pool_name, max_runners=2)
+    await stack.start()
+    try:
+        job_ids = stack.queue_jobs(3, duration_s=0.5)
+        await stack.wait_jobs_finished(job_ids, within_s=120)
+        async with httpx.AsyncClient() as http:
+            worker_metrics = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+            starter_metrics = (await http.get(stack.starter_url.replace("/webhook", "/metrics"))).text
+    finally:
+        await stack.stop()
+
+    assert sample(worker_metrics, "temporal_workflow_completed_total") is not None, "SDK metrics are exported"
+    assert sample(worker_metrics, "mayfly_slot_capacity", pool=pool_name) == 2
+    assert sample(worker_metrics, "mayfly_slots_held", pool=pool_name) == 0
+    assert sample(worker_metrics, "mayfly_slot_waiters", pool=pool_name) == 0
+    assert sample(worker_metrics, "mayfly_slot_wait_seconds_count", pool=pool_name) == 3
+    assert sample(worker_metrics, "mayfly_webhook_to_spawn_seconds_count", pool=pool_name) == 3
+    done = sample(worker_metrics, "mayfly_job_phase_transitions_total", pool=pool_name, phase="done")
+    assert done == 3
+    assert sample(starter_metrics, "mayfly_webhook_deliveries_total", outcome="accepted:queued") == 3
