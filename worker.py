@@ -29,6 +29,7 @@ from mayfly.backends import ContainerBackend
 from mayfly.backends.factory import build_backends
 from mayfly.config import ConfigError, MayflySettings, load_settings
 from mayfly.github import GitHubClient
+from mayfly.logs import configure_logging
 from mayfly.metrics import prometheus_runtime
 from mayfly.models import SemaphoreInput, semaphore_workflow_id
 from mayfly.sealing import Sealer
@@ -163,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mayfly worker", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML config file (or set MAYFLY_CONFIG)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         settings = load_settings(args.config)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
+    configure_logging(settings.log_format)
 
     async def _main() -> None:
         stop = asyncio.Event()

@@ -20,6 +20,7 @@ from pathlib import Path
 from temporalio.client import Client
 
 from mayfly.config import ConfigError, MayflySettings, load_settings
+from mayfly.logs import configure_logging
 from mayfly.models import SemaphoreStatus, semaphore_workflow_id
 from mayfly.temporal import connect
 
@@ -154,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         command = sub.add_parser(name)
         command.add_argument("--config", type=Path, help="TOML config file (or set MAYFLY_CONFIG)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging()
     if args.command == "dev":
         return asyncio.run(_dev(args))
     if args.command == "worker":
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
+    configure_logging(settings.log_format)
     with contextlib.suppress(KeyboardInterrupt):
         if args.command == "starter":
             return asyncio.run(_starter(settings))

@@ -162,6 +162,7 @@ class MayflySettings(BaseSettings):
     # Keep it below the orchestrator's kill deadline (Kubernetes terminationGracePeriodSeconds).
     worker_graceful_shutdown_s: float = Field(default=30.0, ge=0)
     # host:port for the worker's Prometheus endpoint (SDK and Mayfly metrics); unset = off.
+    log_format: Literal["text", "json"] = "text"
     metrics_bind_address: str | None = Field(default=None, pattern=r"^[\w.-]+:\d{1,5}$")
 
     @field_validator("pools")

@@ -75,3 +75,25 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_exactly_one_scope() -> None:
     with pytest.raises(ValueError, match="exactly one"):
         MayflySettings(github={"repository": "a/b", "organization": "a"}, pools=[])
+
+
+def test_json_logs_are_one_object_per_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import logging
+
+    from mayfly.logs import configure_logging
+
+    configure_logging("json")
+    try:
+        logging.getLogger("mayfly.test").warning("slot %s released", "r-1")
+    finally:
+        configure_logging("text")
+    entry = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert entry["level"] == "WARNING" and entry["message"] == "slot r-1 released"
+    assert entry["logger"] == "mayfly.test"
+
+
+def test_log_format_and_metrics_address_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(write(tmp_path, 'log_format = "xml"\nmetrics_bind_address = "9464"\n' + GOOD))
+    assert "  log_format:" in str(raised.value) and "  metrics_bind_address:" in str(raised.value)
