@@ -27,7 +27,7 @@ from activities.sweep import SweepActivities
 from mayfly import search_attributes
 from mayfly.backends import ContainerBackend
 from mayfly.backends.factory import build_backends
-from mayfly.config import ConfigError, MayflySettings, load_settings
+from mayfly.config import ConfigError, MayflySettings, load_settings_or_report
 from mayfly.github import GitHubClient
 from mayfly.logs import configure_logging
 from mayfly.metrics import prometheus_runtime
@@ -165,10 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="TOML config file (or set MAYFLY_CONFIG)")
     args = parser.parse_args(argv)
     configure_logging()
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
+    settings = load_settings_or_report(args.config)
+    if settings is None:
         return 2
     configure_logging(settings.log_format)
 

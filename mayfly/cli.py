@@ -19,7 +19,7 @@ from pathlib import Path
 
 from temporalio.client import Client
 
-from mayfly.config import ConfigError, MayflySettings, load_settings
+from mayfly.config import MayflySettings, load_settings_or_report
 from mayfly.logs import configure_logging
 from mayfly.models import SemaphoreStatus, semaphore_workflow_id
 from mayfly.temporal import connect
@@ -162,10 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         import worker
 
         worker.exit_now(worker.main(["--config", str(args.config)] if args.config else []))
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
+    settings = load_settings_or_report(args.config)
+    if settings is None:
         return 2
     configure_logging(settings.log_format)
     with contextlib.suppress(KeyboardInterrupt):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -221,3 +222,12 @@ def load_settings(config_path: Path | None = None) -> MayflySettings:
         return MayflySettings()
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error)) from None
+
+
+def load_settings_or_report(config_path: Path | None) -> MayflySettings | None:
+    """For command-line entry points: the settings, or None after printing why they are invalid."""
+    try:
+        return load_settings(config_path)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return None

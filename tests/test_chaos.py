@@ -19,16 +19,17 @@ from mayfly.backends import BackendError, ContainerBackend, ContainerRecord, Con
 from mayfly.embedded import EmbeddedStack
 from mayfly.models import RunnerJobResult, job_workflow_id
 from simulator import FaultConfig
+from tests.backends import DelegatingBackend
 from tests.probe import ConcurrencyProbe
 
 JOBS, CAP = 100, 10
 
 
-class FlakyBackend:
+class FlakyBackend(DelegatingBackend):
     """The real backend behind a layer that fails some spawns, before or after acting."""
 
     def __init__(self, inner: ContainerBackend, *, fail_rate: float, lost_rate: float, seed: int) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._fail_rate = fail_rate
         self._lost_rate = lost_rate
         self._rng = random.Random(seed)
@@ -41,7 +42,7 @@ class FlakyBackend:
         if roll < self._fail_rate:
             self.injected["spawn_failed"] += 1
             raise BackendError("injected: provider refused to create the container")
-        record = await self._inner.spawn(
+        record = await super().spawn(
             name=name,
             owner_workflow_id=owner_workflow_id,
             job_id=job_id,
@@ -52,15 +53,6 @@ class FlakyBackend:
             self.injected["spawn_response_lost"] += 1
             raise BackendError("injected: container created but the response was lost")
         return record
-
-    async def inspect(self, name: str) -> ContainerRecord | None:
-        return await self._inner.inspect(name)
-
-    async def terminate(self, name: str) -> ContainerRecord | None:
-        return await self._inner.terminate(name)
-
-    async def list(self) -> list[ContainerRecord]:
-        return await self._inner.list()
 
 
 async def test_chaos_invariants_hold(

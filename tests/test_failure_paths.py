@@ -90,12 +90,16 @@ async def test_cancelling_a_job_waiting_for_a_slot_leaks_nothing(
     stack_factory: Callable[..., Awaitable[EmbeddedStack]],
 ) -> None:
     stack = await stack_factory(max_runners=1)
-    first, second = stack.queue_jobs(2, duration_s=3.0)
-    await until(lambda: _is(phase(stack, second), JobPhase.WAITING_FOR_SLOT))
-    await job_handle(stack, second).cancel()
+    # The second job is queued only once the first is running, so the only runner there is
+    # has already taken the first job and cannot serve the second behind our back.
+    (holder,) = stack.queue_jobs(1, duration_s=3.0)
+    await until(lambda: _is(phase(stack, holder), JobPhase.RUNNING))
+    (queued,) = stack.queue_jobs(1, duration_s=3.0)
+    await until(lambda: _is(phase(stack, queued), JobPhase.WAITING_FOR_SLOT))
+    await job_handle(stack, queued).cancel()
     with pytest.raises(WorkflowFailureError):
-        await job_handle(stack, second).result()
-    await job_handle(stack, first).result()
+        await job_handle(stack, queued).result()
+    await job_handle(stack, holder).result()
     await until(lambda: nothing_left(stack))
 
 

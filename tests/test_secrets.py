@@ -15,13 +15,14 @@ from temporalio.client import Client
 from mayfly.backends import BackendError, ContainerBackend, ContainerRecord
 from mayfly.embedded import EmbeddedStack
 from mayfly.models import job_workflow_id, semaphore_workflow_id
+from tests.backends import DelegatingBackend
 
 
-class LeakyBackend:
+class LeakyBackend(DelegatingBackend):
     """Fails the first spawn with an error that quotes the JIT config, as a careless provider might."""
 
     def __init__(self, inner: ContainerBackend) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.seen: list[str] = []
 
     async def spawn(
@@ -30,22 +31,13 @@ class LeakyBackend:
         self.seen.append(jit_config)
         if len(self.seen) == 1:
             raise BackendError(f"rejected env ACTIONS_RUNNER_INPUT_JITCONFIG={jit_config}")
-        return await self._inner.spawn(
+        return await super().spawn(
             name=name,
             owner_workflow_id=owner_workflow_id,
             job_id=job_id,
             jit_config=jit_config,
             max_lifetime_s=max_lifetime_s,
         )
-
-    async def inspect(self, name: str) -> ContainerRecord | None:
-        return await self._inner.inspect(name)
-
-    async def terminate(self, name: str) -> ContainerRecord | None:
-        return await self._inner.terminate(name)
-
-    async def list(self) -> list[ContainerRecord]:
-        return await self._inner.list()
 
 
 async def raw_history(client: Client, workflow_id: str) -> bytes:

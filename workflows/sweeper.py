@@ -58,26 +58,22 @@ class SweeperWorkflow:
                     summary=f"sweep containers of {pool}",
                 )
             )
-        reports.append(
-            await workflow.execute_activity_method(
-                SweepActivities.queued_jobs,
-                summary="start workflows for queued jobs whose webhook was missed",
-                task_queue=params.github_task_queue or None,
-                start_to_close_timeout=SWEEP_TIMEOUT,
-                heartbeat_timeout=SWEEP_HEARTBEAT,
-                retry_policy=SWEEP_RETRY,
+        github_queue = params.github_task_queue or None
+        # Recover missed jobs first, so a registration minted for one is not mistaken for an orphan.
+        for sweep, summary in (
+            (SweepActivities.queued_jobs, "start workflows for queued jobs whose webhook was missed"),
+            (SweepActivities.registrations, "sweep runner registrations"),
+        ):
+            reports.append(
+                await workflow.execute_activity_method(
+                    sweep,
+                    summary=summary,
+                    task_queue=github_queue,
+                    start_to_close_timeout=SWEEP_TIMEOUT,
+                    heartbeat_timeout=SWEEP_HEARTBEAT,
+                    retry_policy=SWEEP_RETRY,
+                )
             )
-        )
-        reports.append(
-            await workflow.execute_activity_method(
-                SweepActivities.registrations,
-                summary="sweep runner registrations",
-                task_queue=params.github_task_queue or None,
-                start_to_close_timeout=SWEEP_TIMEOUT,
-                heartbeat_timeout=SWEEP_HEARTBEAT,
-                retry_policy=SWEEP_RETRY,
-            )
-        )
         return reports
 
     @workflow.run

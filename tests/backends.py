@@ -1,0 +1,32 @@
+"""Fault-injecting wrappers around a real container backend, for chaos and secrets tests."""
+
+from __future__ import annotations
+
+from mayfly.backends import ContainerBackend, ContainerRecord
+
+
+class DelegatingBackend:
+    """Passes everything to the real backend; subclasses change `spawn`."""
+
+    def __init__(self, inner: ContainerBackend) -> None:
+        self._inner = inner
+
+    async def spawn(
+        self, *, name: str, owner_workflow_id: str, job_id: int, jit_config: str, max_lifetime_s: float
+    ) -> ContainerRecord:
+        return await self._inner.spawn(
+            name=name,
+            owner_workflow_id=owner_workflow_id,
+            job_id=job_id,
+            jit_config=jit_config,
+            max_lifetime_s=max_lifetime_s,
+        )
+
+    async def inspect(self, name: str) -> ContainerRecord | None:
+        return await self._inner.inspect(name)
+
+    async def terminate(self, name: str) -> ContainerRecord | None:
+        return await self._inner.terminate(name)
+
+    async def list(self) -> list[ContainerRecord]:
+        return await self._inner.list()
