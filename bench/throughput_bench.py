@@ -74,6 +74,7 @@ async def run_mayfly(client: Client, args: argparse.Namespace, state_dir: Path) 
         faults=FaultConfig(registration_502_rate=args.mint_502, seed=1),
         registration_timeout_s=60,
         sweep_interval_s=60,
+        registration_poll_s=10.0,  # the product default
     )
     await stack.start()
     try:
@@ -86,6 +87,10 @@ async def run_mayfly(client: Client, args: argparse.Namespace, state_dir: Path) 
             handle = client.get_workflow_handle(job_workflow_id(job_id), result_type=RunnerJobResult)
             held += (await handle.result()).slot_held_s
         total, ok = api_calls(stack.simulator)
+        print("mayfly GitHub calls by route and status:")
+        for key, count in sorted(stack.simulator.calls.items()):
+            if key[-3:].isdigit():
+                print(f"  {count:>6}  {key}")
         completed = [j for j in stack.simulator.jobs() if j.status == "completed"]
         return Figures(
             "mayfly",

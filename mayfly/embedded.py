@@ -63,6 +63,9 @@ class EmbeddedStack:
         run_worker: bool = True,
         backend: ContainerBackend | None = None,
         secret_key: str | None = None,
+        # Short by default so tests confirm registration fast even when webhooks are dropped;
+        # the product default (10 s) lets the in_progress webhook win and saves an API call.
+        registration_poll_s: float = 1.0,
     ) -> None:
         self.client = client
         self._state_dir = state_dir
@@ -96,6 +99,7 @@ class EmbeddedStack:
         self._reap_interval_s = semaphore_reap_interval_s
         self._run_worker = run_worker
         self._secret_key = secret_key
+        self._registration_poll_s = registration_poll_s
         self._sweep_interval_s = sweep_interval_s
         self.settings: MayflySettings | None = None
         self.backend: ContainerBackend = backend or LocalProcessBackend(self._pool.backend)  # type: ignore[arg-type]
@@ -152,7 +156,7 @@ class EmbeddedStack:
             github=self._github,
             backends={self._pool.name: self._worker_backend},
             sealer=sealer,
-            registration_poll_s=1.0,
+            registration_poll_s=self._registration_poll_s,
             graceful_shutdown_s=5.0,
         )
         self._worker_tasks = [asyncio.create_task(worker.run()) for worker in self._workers]
