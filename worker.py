@@ -29,6 +29,7 @@ from mayfly.backends import ContainerBackend
 from mayfly.backends.factory import build_backends
 from mayfly.config import ConfigError, MayflySettings, load_settings_or_report
 from mayfly.github import GitHubClient
+from mayfly.github_factory import github_client
 from mayfly.logs import configure_logging
 from mayfly.metrics import prometheus_runtime
 from mayfly.models import SemaphoreInput, semaphore_workflow_id
@@ -138,8 +139,7 @@ async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
             f"namespace {settings.temporal.namespace!r} lacks search attributes {', '.join(absent)}; "
             "run `mayfly setup` once"
         )
-    github = GitHubClient(settings.github)
-    try:
+    async with github_client(settings.github) as github:
         workers = build_workers(
             client,
             settings,
@@ -156,8 +156,6 @@ async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
             log.info("worker polling task queue %s", settings.temporal.task_queue)
             await stop.wait()
             log.info("shutting down: finishing activities in flight")
-    finally:
-        await github.aclose()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.errors import github_failure
 from mayfly.github import AlreadyExists, GitHubClient, GitHubError, JitConfig, RunnerBusy
+from mayfly.metrics import record_rate_limit
 from mayfly.models import (
     DeregisterOutcome,
     MintedRunner,
@@ -64,6 +65,8 @@ class GitHubActivities:
             jit = await self._mint(request)
         except GitHubError as error:
             raise github_failure(error) from None
+        finally:
+            record_rate_limit(activity.metric_meter(), self._github.rate_limit_remaining)
         return MintedRunner(
             runner_id=jit.runner.id,
             runner_name=jit.runner.name,

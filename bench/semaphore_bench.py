@@ -19,7 +19,6 @@ import sys
 import time
 import uuid
 from datetime import datetime
-from pathlib import Path
 
 from pydantic import BaseModel
 from temporalio import workflow
@@ -27,6 +26,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.slots import SlotActivities
+from bench.cpu import dev_server_cpu_s
 from mayfly.devserver import local_environment
 from mayfly.models import SlotGrant, semaphore_workflow_id
 from tests.slot_holder import HolderInput
@@ -64,20 +64,6 @@ class BenchHolderWorkflow:
                 times.released.append(workflow.now())
                 await self._lease.release()
         return times
-
-
-def server_cpu_s() -> float:
-    """CPU seconds used so far by the dev server, found as our child process named `temporal`."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            comm, rest = stat.read_text().split(" (", 1)[1].rsplit(")", 1)
-        except (OSError, ValueError):
-            continue
-        fields = rest.split()
-        if comm.startswith("temporal") and int(fields[1]) == os.getpid():
-            total += sum(int(fields[i]) for i in (11, 12)) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 def pct(values: list[float], q: float) -> float:
@@ -141,7 +127,7 @@ async def main() -> None:
         pool = f"busy{uuid.uuid4().hex[:6]}"
         holders = args.cap * 2
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-        server_cpu0 = server_cpu_s()
+        server_cpu0 = dev_server_cpu_s()
         t0 = time.monotonic()
         results = await run_holders(
             env.client, task_queue, pool, holders, args.cap, cycles=max(1, args.pairs // holders)
@@ -149,7 +135,7 @@ async def main() -> None:
         makespan = time.monotonic() - t0
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         worker_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
-        server_cpu = server_cpu_s() - server_cpu0
+        server_cpu = dev_server_cpu_s() - server_cpu0
         grants = sorted(t.timestamp() for _, times in results for t in times.granted)
         releases = sorted(t.timestamp() for _, times in results for t in times.released)
         # A handoff: from a holder releasing to the next holder being granted, all slots busy.

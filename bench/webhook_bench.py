@@ -20,6 +20,7 @@ import uuid
 
 from temporalio.client import Client
 
+from bench.cpu import children_cpu_s, dev_server_cpu_s, own_cpu_s
 from mayfly.config import GitHubSettings, MayflySettings, PoolSettings, TemporalSettings
 from mayfly.devserver import local_environment
 from mayfly.serving import serve
@@ -45,6 +46,7 @@ async def main() -> None:
         return client
 
     server = await serve(create_starter_app(settings, provider))
+    cpu_before = (own_cpu_s(), dev_server_cpu_s(), children_cpu_s())
     load = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -60,6 +62,9 @@ async def main() -> None:
         stdout=asyncio.subprocess.PIPE,
     )
     stdout, _ = await load.communicate()
+    starter_cpu = own_cpu_s() - cpu_before[0]
+    server_cpu = dev_server_cpu_s() - cpu_before[1]
+    load_cpu = children_cpu_s() - cpu_before[2]
     await server.stop()
     await env.shutdown()
     result = json.loads(stdout.decode().strip().splitlines()[-1])
@@ -72,6 +77,10 @@ async def main() -> None:
         f"webhook -> workflow started: p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, "
         f"max {result['max_ms']:.0f} ms (target p99 <= 300 ms; "
         f"measured/target {result['p99_ms'] / 300:.2f}); errors {errors} (target 0)"
+    )
+    print(
+        f"CPU: starter {starter_cpu:.1f}s, dev server {server_cpu:.1f}s, load generator {load_cpu:.1f}s "
+        f"of {result['elapsed_s'] * 2:.1f}s available on 2 cores"
     )
 
 

@@ -95,7 +95,12 @@ class GitHubSettings(BaseModel):
     api_url: str = "https://api.github.com"
     repository: str | None = None
     organization: str | None = None
+    # Either a PAT (token) or a GitHub App (app_id + installation_id + private key).
     token: SecretStr | None = None
+    app_id: int | None = Field(default=None, ge=1)
+    installation_id: int | None = Field(default=None, ge=1)
+    private_key: SecretStr | None = None
+    private_key_path: Path | None = None
     webhook_secret: SecretStr | None = None
     runner_group_id: int = Field(default=1, ge=1)
     runner_name_prefix: str = Field(default="mayfly", pattern=r"^[a-z][a-z0-9]{0,15}$")
@@ -123,6 +128,33 @@ class GitHubSettings(BaseModel):
         if (self.repository is None) == (self.organization is None):
             raise ValueError("set exactly one of github.repository or github.organization")
         return self
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> GitHubSettings:
+        app_fields = [self.app_id, self.installation_id, self.private_key or self.private_key_path]
+        if self.token is not None and any(field is not None for field in app_fields):
+            raise ValueError("set either github.token or the github.app_* fields, not both")
+        if any(field is not None for field in app_fields) and not all(
+            field is not None for field in app_fields
+        ):
+            raise ValueError(
+                "a GitHub App needs github.app_id, github.installation_id and github.private_key(_path)"
+            )
+        if self.private_key is not None and self.private_key_path is not None:
+            raise ValueError("set only one of github.private_key and github.private_key_path")
+        if self.private_key_path is not None and not self.private_key_path.is_file():
+            raise ValueError(f"github.private_key_path: no file at {self.private_key_path}")
+        return self
+
+    @property
+    def uses_app(self) -> bool:
+        return self.app_id is not None
+
+    def private_key_pem(self) -> str:
+        if self.private_key is not None:
+            return self.private_key.get_secret_value()
+        assert self.private_key_path is not None
+        return self.private_key_path.read_text()
 
     @property
     def runners_path(self) -> str:

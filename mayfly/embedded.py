@@ -11,8 +11,11 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
 
@@ -27,6 +30,7 @@ from mayfly.config import (
     TemporalSettings,
 )
 from mayfly.github import GitHubClient
+from mayfly.github_factory import github_client
 from mayfly.models import SemaphoreStatus, job_workflow_id, semaphore_workflow_id
 from mayfly.sealing import Sealer
 from mayfly.serving import RunningServer, serve
@@ -35,6 +39,8 @@ from simulator import FaultConfig, GitHubSimulator
 from worker import build_workers, start_sweeper
 
 DEMO_POOL = "demo"
+DEMO_APP_ID = 424242
+DEMO_INSTALLATION_ID = 7
 DEMO_LABELS = ["self-hosted", "linux", "mayfly-demo"]
 SIMULATED_RUNNER = [sys.executable, "-m", "simulator.runner"]
 
@@ -66,6 +72,8 @@ class EmbeddedStack:
         # Short by default so tests confirm registration fast even when webhooks are dropped;
         # the product default (10 s) lets the in_progress webhook win and saves an API call.
         registration_poll_s: float = 1.0,
+        # Authenticate as a GitHub App (installation tokens) instead of with a PAT.
+        use_github_app: bool = False,
     ) -> None:
         self.client = client
         self._state_dir = state_dir
@@ -76,8 +84,26 @@ class EmbeddedStack:
         # GitHub job ids are unique for ever; a fresh range per stack keeps that true across demo
         # runs that share one Temporal database, and across tests that share one dev server.
         first_job_id = int(time.time() * 1000) % 10**12 * 10
+        self._app_key_pem: str | None = None
+        public_pem: str | None = None
+        if use_github_app:
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            self._app_key_pem = key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ).decode()
+            public_pem = (
+                key.public_key()
+                .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+                .decode()
+            )
         self.simulator = GitHubSimulator(
-            token=token, webhook_secret=webhook_secret, faults=faults, first_job_id=first_job_id
+            token=token,
+            webhook_secret=webhook_secret,
+            faults=faults,
+            first_job_id=first_job_id,
+            app_id=DEMO_APP_ID if use_github_app else None,
+            app_public_key_pem=public_pem,
+            installation_id=DEMO_INSTALLATION_ID,
         )
         self._pool = PoolSettings(
             name=pool,
@@ -106,6 +132,7 @@ class EmbeddedStack:
         # The worker may see the backend through a fault-injecting wrapper; checks use the real one.
         self._worker_backend: ContainerBackend = wrap_backend(self.backend) if wrap_backend else self.backend
         self._github: GitHubClient | None = None
+        self._github_context: AbstractAsyncContextManager[GitHubClient] | None = None
         self._starter: RunningServer | None = None
         self._workers: list[Worker] = []
         self._worker_tasks: list[asyncio.Task[None]] = []
@@ -119,14 +146,23 @@ class EmbeddedStack:
         assert self._starter is not None
         return f"{self._starter.url}/webhook"
 
+    def _credentials(self) -> dict[str, object]:
+        if self._app_key_pem is None:
+            return {"token": self._token}
+        return {
+            "app_id": DEMO_APP_ID,
+            "installation_id": DEMO_INSTALLATION_ID,
+            "private_key": self._app_key_pem,
+        }
+
     async def start(self) -> None:
         await self.simulator.start(port=self._simulator_port)
         self.settings = MayflySettings(
             github=GitHubSettings(
                 api_url=self.simulator.url,
                 repository=f"{self.simulator.owner}/{self.simulator.repo}",
-                token=self._token,
                 webhook_secret=self._webhook_secret,
+                **self._credentials(),
             ),
             temporal=TemporalSettings(task_queue=self._task_queue),
             starter=StarterSettings(port=self._starter_port),
@@ -143,7 +179,8 @@ class EmbeddedStack:
             create_starter_app(self.settings, client_provider), port=self._starter_port
         )
         self.simulator.webhook_url = self.starter_url
-        self._github = GitHubClient(self.settings.github)
+        self._github_context = github_client(self.settings.github)
+        self._github = await self._github_context.__aenter__()
         if self._run_worker:
             await self.start_workers()
 
@@ -167,8 +204,8 @@ class EmbeddedStack:
             await self._starter.stop()
         await asyncio.gather(*(worker.shutdown() for worker in self._workers))
         await asyncio.gather(*self._worker_tasks)
-        if self._github is not None:
-            await self._github.aclose()
+        if self._github_context is not None:
+            await self._github_context.__aexit__(None, None, None)
         await self.simulator.stop()
         # The demo must not leave runner processes behind, whatever state the workflows reached.
         for record in await self.backend.list():

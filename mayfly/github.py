@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import time
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from pydantic import BaseModel, Field
 
 from mayfly.config import GitHubSettings
+
+if TYPE_CHECKING:
+    from mayfly.github_app import TokenSource
 
 API_VERSION = "2022-11-28"
 
@@ -110,43 +113,77 @@ _HINTS = {
     "organization_self_hosted_runners:write",
     404: "the repository/organization or runner group was not found, or the token cannot see it",
 }
+# A 401 that survives a token refresh means the installation itself cannot use the API.
+_APP_401_HINT = "GitHub rejected a freshly issued installation token: check that the App is still installed"
 
 
 class GitHubClient:
     def __init__(
-        self, settings: GitHubSettings, *, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        settings: GitHubSettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        token_source: TokenSource | None = None,
     ) -> None:
-        if settings.token is None:
-            raise ValueError("github.token is required")
+        # Imported here because github_app needs GitHubError from this module.
+        from mayfly.github_app import StaticToken
+
+        if token_source is None:
+            if settings.token is None:
+                raise ValueError("github.token is required")
+            token_source = StaticToken(settings.token)
+        self._tokens = token_source
+        self._static = isinstance(token_source, StaticToken)
         self._settings = settings
+        # The caller owns token_source (it may be shared); aclose() leaves it open.
         self._http = httpx.AsyncClient(
             base_url=settings.api_url,
             timeout=httpx.Timeout(settings.request_timeout_s, connect=5.0),
             headers={
                 "Accept": "application/vnd.github+json",
-                "Authorization": f"Bearer {settings.token.get_secret_value()}",
                 "X-GitHub-Api-Version": API_VERSION,
                 "User-Agent": "mayfly",
             },
             transport=transport,
         )
         self.calls = 0
+        # The last x-ratelimit-remaining GitHub reported, exported as a gauge by the activities.
+        self.rate_limit_remaining: int | None = None
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        self.calls += 1
+    async def _send(self, method: str, path: str, token: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = await self._http.request(method, path, **kwargs)
+            return await self._http.request(
+                method, path, headers={"Authorization": f"Bearer {token}"}, **kwargs
+            )
         except httpx.TimeoutException as error:
             raise GitHubError(None, f"{method} {path}: timed out ({type(error).__name__})") from None
         except httpx.TransportError as error:
             raise GitHubError(None, f"{method} {path}: {type(error).__name__}: {error}") from None
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        self.calls += 1
+        token = await self._tokens.token()
+        response = await self._send(method, path, token, **kwargs)
+        if response.status_code == 401:
+            # An installation token can be revoked or expire early; one retry with a fresh token
+            # tells that apart from a credential that is wrong for good. A static token comes
+            # back unchanged, so it is not sent a second time.
+            self._tokens.invalidate(token)
+            fresh = await self._tokens.token()
+            if fresh != token:
+                response = await self._send(method, path, fresh, **kwargs)
+        remaining = response.headers.get("x-ratelimit-remaining")
+        if remaining is not None and remaining.isdigit():
+            self.rate_limit_remaining = int(remaining)
         if response.is_success:
             return response
         message = f"{method} {path}: HTTP {response.status_code}: {_message(response)}"
         hint = _HINTS.get(response.status_code)
+        if response.status_code == 401 and not self._static:
+            hint = _APP_401_HINT
         retry_after = _retry_after(response, time.time())
         if hint and not (response.status_code == 403 and retry_after is not None):
             message = f"{message} ({hint})"

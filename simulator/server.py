@@ -33,6 +33,7 @@ from simulator.state import (
     DEFAULT_GROUP_ID,
     DEFAULT_GROUP_NAME,
     ApiError,
+    AppAuth,
     Conclusion,
     JobStatus,
     JobView,
@@ -45,6 +46,8 @@ from simulator.webhooks import DeliveryRecord, WebhookSender
 
 _DOCS_RUNNERS = "https://docs.github.com/rest/actions/self-hosted-runners"
 _DOCS_AUTH = "https://docs.github.com/rest"
+_DOCS_APP_TOKEN = "https://docs.github.com/rest/apps/apps#create-an-installation-access-token-for-an-app"
+ACCESS_TOKENS_ROUTE = "POST /app/installations/{installation_id}/access_tokens"
 _DOCS_SECONDARY = (
     "https://docs.github.com/rest/using-the-rest-api/rate-limits-for-the-rest-api#about-secondary-rate-limits"
 )
@@ -78,6 +81,13 @@ class JitConfigResponse(BaseModel):
 class TokenResponse(BaseModel):
     token: str
     expires_at: datetime
+
+
+class InstallationTokenResponse(BaseModel):
+    token: str
+    expires_at: str  # GitHub's exact form, "2016-07-11T22:14:10Z"
+    permissions: dict[str, str]
+    repository_selection: Literal["all", "selected"]
 
 
 class RunnerList(BaseModel):
@@ -345,7 +355,13 @@ class GitHubSimulator:
         faults: FaultConfig | None = None,
         agent_timeout_s: float = 10.0,
         first_job_id: int = 1000,
+        app_id: int | None = None,
+        app_public_key_pem: str | None = None,
+        installation_id: int = 1,
+        installation_token_ttl_s: float = 3600,
     ) -> None:
+        if (app_id is None) != (app_public_key_pem is None):
+            raise ValueError("app_id and app_public_key_pem go together: give both or neither")
         self.owner = owner
         self.repo = repo
         self.token = token
@@ -376,6 +392,15 @@ class GitHubSimulator:
             on_change=self._notify,
         )
         self._webhooks.url = webhook_url
+        # With an App, the static token keeps working too, as a PAT would next to an App.
+        self._app_auth: AppAuth | None = None
+        if app_id is not None and app_public_key_pem is not None:
+            self._app_auth = AppAuth(
+                app_id=app_id,
+                public_key_pem=app_public_key_pem,
+                installation_id=installation_id,
+                token_ttl_s=installation_token_ttl_s,
+            )
         self.set_faults(faults or FaultConfig())
         self.app = self._build_app()
 
@@ -458,6 +483,18 @@ class GitHubSimulator:
 
     def runners(self) -> list[RunnerView]:
         return self.state.runner_views()
+
+    def revoke_installation_tokens(self) -> None:
+        """Invalidate every installation token issued so far, as uninstalling and reinstalling
+        the App or a credential rotation would; the next use of one gets 401."""
+        if self._app_auth is None:
+            raise RuntimeError("the simulator was created without a GitHub App (app_id)")
+        self._app_auth.revoke_all()
+
+    @property
+    def token_exchanges(self) -> int:
+        """Installation tokens issued (successful ``POST .../access_tokens`` calls)."""
+        return self.calls[f"{ACCESS_TOKENS_ROUTE} 201"]
 
     def deliveries(self) -> list[DeliveryRecord]:
         return self._webhooks.records()
@@ -570,7 +607,9 @@ class GitHubSimulator:
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() not in ("bearer", "token"):
             return False
-        return hmac.compare_digest(value.strip().encode(), self.token.encode())
+        if hmac.compare_digest(value.strip().encode(), self.token.encode()):
+            return True
+        return self._app_auth is not None and self._app_auth.token_valid(value.strip())
 
     def _in_scope(self, request: Request) -> bool:
         params = request.path_params
@@ -585,12 +624,19 @@ class GitHubSimulator:
         return True
 
     def _github_route(
-        self, method: str, template: str, handler: Handler, kind: CallKind = "read", *, counted: bool = True
+        self,
+        method: str,
+        template: str,
+        handler: Handler,
+        kind: CallKind = "read",
+        *,
+        counted: bool = True,
+        app_jwt: bool = False,
     ) -> Route:
         call = f"{method} {template}"
 
         async def endpoint(request: Request) -> Response:
-            response = await self._github_call(request, handler, kind, counted=counted)
+            response = await self._github_call(request, handler, kind, counted=counted, app_jwt=app_jwt)
             if counted:
                 self.calls[call] += 1
                 self.calls[f"{call} {response.status_code}"] += 1
@@ -600,13 +646,20 @@ class GitHubSimulator:
 
         # Starlette needs the ":int" converter to keep "/runners/{id}" off "/runners/remove-token".
         path = template.replace("{runner_id}", "{runner_id:int}").replace("{job_id}", "{job_id:int}")
-        path = path.replace("{run_id}", "{run_id:int}")
+        path = path.replace("{run_id}", "{run_id:int}").replace("{installation_id}", "{installation_id:int}")
         return Route(path, endpoint, methods=[method])
 
     async def _github_call(
-        self, request: Request, handler: Handler, kind: CallKind, *, counted: bool
+        self, request: Request, handler: Handler, kind: CallKind, *, counted: bool, app_jwt: bool = False
     ) -> Response:
-        if not self._authorized(request):
+        if app_jwt:
+            # /app endpoints take the App's JWT and nothing else, not even a valid token.
+            assert self._app_auth is not None  # such routes exist only with an App
+            try:
+                self._app_auth.verify_jwt(request.headers.get("authorization", ""))
+            except ApiError as exc:
+                return _error(exc.status, exc.message, _DOCS_APP_TOKEN)
+        elif not self._authorized(request):
             return _error(401, "Bad credentials", _DOCS_AUTH)
         if not self._in_scope(request):
             return _error(404, "Not Found")
@@ -640,6 +693,23 @@ class GitHubSimulator:
     async def _h_token(self, request: Request) -> Response:
         expires = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
         return _json(TokenResponse(token=_registration_token(), expires_at=expires), 201)
+
+    async def _h_installation_token(self, request: Request) -> Response:
+        assert self._app_auth is not None  # the route exists only with an App
+        token, expires = self._app_auth.issue(int(request.path_params["installation_id"]))
+        body = InstallationTokenResponse(
+            token=token,
+            expires_at=expires.isoformat().replace("+00:00", "Z"),
+            # What a runner-managing App holds; the simulator grants every call regardless.
+            permissions={
+                "actions": "read",
+                "administration": "write",
+                "metadata": "read",
+                "organization_self_hosted_runners": "write",
+            },
+            repository_selection="selected",
+        )
+        return _json(body, 201)
 
     async def _h_jit(self, request: Request) -> Response:
         body = await _parse(request, JitConfigRequest)
@@ -870,6 +940,12 @@ class GitHubSimulator:
                 self._github_route("GET", f"{base}/{{runner_id}}", self._h_get_runner),
                 self._github_route("DELETE", f"{base}/{{runner_id}}", self._h_delete_runner, "mutate"),
             ]
+        if self._app_auth is not None:
+            method, template = ACCESS_TOKENS_ROUTE.split(" ")
+            routes.append(
+                # "mutate": a token can be issued and its answer lost, as with any POST.
+                self._github_route(method, template, self._h_installation_token, "mutate", app_jwt=True)
+            )
         repo = "/repos/{owner}/{repo}/actions"
         routes += [
             self._github_route("GET", "/orgs/{org}/actions/runner-groups", self._h_runner_groups),

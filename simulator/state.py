@@ -7,14 +7,21 @@ interleave. The HTTP layer (server.py) translates ``ApiError`` into GitHub error
 
 from __future__ import annotations
 
+import base64
 import hmac
+import json
+import math
 import secrets
+import string
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, TypeGuard
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pydantic import BaseModel
 
 from simulator.jitconfig import JitConfig
@@ -503,3 +510,116 @@ class SimState:
         label_id = self._label_ids.setdefault(name, len(self._label_ids) + 1)
         kind: Literal["read-only", "custom"] = "read-only" if name in _READ_ONLY_LABELS else "custom"
         return LabelView(id=label_id, name=name, type=kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# GitHub App authentication: App JWTs in, installation tokens out.
+# ---------------------------------------------------------------------------------------------
+
+# GitHub caps an App JWT's lifetime at ten minutes; the slack forgives a client whose clock
+# ticked between computing iat and exp.
+JWT_MAX_LIFETIME_S = 600
+JWT_SLACK_S = 30
+_TOKEN_ALPHABET = string.ascii_letters + string.digits
+_JWT_UNDECODABLE = "A JSON web token could not be decoded"
+_B64URL_CHARS = frozenset(string.ascii_letters + string.digits + "-_")
+
+
+def _b64url_decode(segment: str) -> bytes:
+    if not segment or not set(segment) <= _B64URL_CHARS:
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    # bool is an int subclass, but true is not a timestamp.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class AppAuth:
+    """One GitHub App with one installation: verifies App JWTs and issues installation tokens.
+
+    Error wording follows what GitHub answers where known; the checks themselves are the
+    documented ones (RS256 signature, iss, exp in the future, at most ten minutes of lifetime).
+    """
+
+    def __init__(
+        self,
+        *,
+        app_id: int,
+        public_key_pem: str,
+        installation_id: int,
+        token_ttl_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        key = serialization.load_pem_public_key(public_key_pem.encode())
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise ValueError("app_public_key_pem must be an RSA public key")
+        self.app_id = app_id
+        self.installation_id = installation_id
+        self.token_ttl_s = token_ttl_s
+        self._key = key
+        self._clock = clock
+        self._tokens: dict[str, float] = {}  # token -> expiry, epoch seconds
+
+    def verify_jwt(self, authorization: str) -> None:
+        """Check an ``Authorization`` header value; raises ``ApiError(401)`` unless it holds a
+        valid JWT for this App."""
+        scheme, _, jwt = authorization.partition(" ")
+        if scheme.lower() != "bearer" or jwt.count(".") != 2:
+            raise ApiError(401, _JWT_UNDECODABLE)
+        header_b64, claims_b64, signature_b64 = jwt.strip().split(".")
+        try:
+            header = json.loads(_b64url_decode(header_b64))
+            claims = json.loads(_b64url_decode(claims_b64))
+            signature = _b64url_decode(signature_b64)
+        except ValueError as exc:  # bad base64, bad UTF-8 and bad JSON alike
+            raise ApiError(401, _JWT_UNDECODABLE) from exc
+        if not isinstance(header, dict) or not isinstance(claims, dict) or header.get("alg") != "RS256":
+            raise ApiError(401, _JWT_UNDECODABLE)
+        try:
+            self._key.verify(
+                signature, f"{header_b64}.{claims_b64}".encode(), padding.PKCS1v15(), hashes.SHA256()
+            )
+        except InvalidSignature as exc:
+            raise ApiError(401, _JWT_UNDECODABLE) from exc
+        now = self._clock()
+        iat, exp, iss = claims.get("iat"), claims.get("exp"), claims.get("iss")
+        if not _is_int(iat) or iat > now + JWT_SLACK_S:
+            raise ApiError(
+                401,
+                "'Issued at' claim ('iat') must be an Integer representing the time that the "
+                "assertion was issued",
+            )
+        if not _is_int(exp) or exp <= now:
+            raise ApiError(
+                401,
+                "'Expiration time' claim ('exp') must be a numeric value representing the future "
+                "time at which the assertion expires",
+            )
+        if exp - iat > JWT_MAX_LIFETIME_S + JWT_SLACK_S or exp > now + JWT_MAX_LIFETIME_S + JWT_SLACK_S:
+            raise ApiError(401, "'Expiration time' claim ('exp') is too far in the future")
+        if iss is None or str(iss) != str(self.app_id):
+            raise ApiError(401, "Integration not found")
+
+    def issue(self, installation_id: int) -> tuple[str, datetime]:
+        """A new installation token and its expiry; ``ApiError(404)`` for another installation."""
+        if installation_id != self.installation_id:
+            raise ApiError(404, "Not Found")
+        now = self._clock()
+        # Forget lapsed tokens so a long run does not accumulate them.
+        self._tokens = {token: expiry for token, expiry in self._tokens.items() if expiry > now}
+        # Not the classic 40 characters: GitHub is rolling out longer tokens, and clients must
+        # not depend on the length.
+        token = "ghs_" + "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(52))
+        expiry = now + self.token_ttl_s
+        self._tokens[token] = expiry
+        # GitHub states whole seconds; rounding down makes the client refresh early, never late.
+        return token, datetime.fromtimestamp(math.floor(expiry), UTC)
+
+    def token_valid(self, token: str) -> bool:
+        expiry = self._tokens.get(token)
+        return expiry is not None and self._clock() < expiry
+
+    def revoke_all(self) -> None:
+        self._tokens.clear()

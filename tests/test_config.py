@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,17 @@ def test_log_format_and_metrics_address_are_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         load_settings(write(tmp_path, 'log_format = "xml"\nmetrics_bind_address = "9464"\n' + GOOD))
     assert "  log_format:" in str(raised.value) and "  metrics_bind_address:" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("github", "message"),
+    [
+        ('repository = "a/b"\ntoken = "t"\napp_id = 1', "either github.token or the github.app_* fields"),
+        ('repository = "a/b"\napp_id = 1\ninstallation_id = 2', "needs github.app_id"),
+        ('repository = "a/b"\napp_id = 1\ninstallation_id = 2\nprivate_key_path = "/nope.pem"', "no file at"),
+    ],
+)
+def test_github_app_settings_are_checked(tmp_path: Path, github: str, message: str) -> None:
+    text = f'[github]\n{github}\n\n[[pools]]\nname = "cpu"\nlabels = ["x"]\nmax_runners = 1\n'
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(write(tmp_path, text))

@@ -85,3 +85,26 @@ async def test_probe_detects_more_runners_than_its_cap(
     finally:
         await stack.stop()
     assert len(probe.violations()) >= 1
+
+
+async def test_jobs_run_with_github_app_auth_across_a_token_revocation(
+    client: Client, task_queue: str, pool_name: str, state_dir: Path
+) -> None:
+    stack = EmbeddedStack(
+        client, state_dir=state_dir, task_queue=task_queue, pool=pool_name, use_github_app=True
+    )
+    await stack.start()
+    try:
+        first = stack.queue_jobs(2, duration_s=0.5)
+        await stack.wait_jobs_finished(first, within_s=120)
+        exchanges_before = stack.simulator.token_exchanges
+        # GitHub revokes the installation token; the next call's 401 triggers one refresh.
+        stack.simulator.revoke_installation_tokens()
+        second = stack.queue_jobs(2, duration_s=0.5)
+        await stack.wait_jobs_finished(second, within_s=120)
+    finally:
+        await stack.stop()
+    assert exchanges_before == 1, "one installation token served every call until it was revoked"
+    assert stack.simulator.token_exchanges == 2
+    assert all(stack.simulator.job(j).conclusion == "success" for j in first + second)
+    assert stack.simulator.runners() == []
