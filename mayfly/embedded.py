@@ -17,6 +17,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from mayfly.backends import ContainerBackend
@@ -244,6 +245,15 @@ class EmbeddedStack:
     async def job_workflow_status(self, job_id: int) -> WorkflowExecutionStatus | None:
         description = await self.client.get_workflow_handle(job_workflow_id(job_id)).describe()
         return description.status
+
+    async def semaphore_status_or_none(self) -> SemaphoreStatus | None:
+        """None while no job has asked the pool for a slot yet."""
+        try:
+            return await self.semaphore_status()
+        except RPCError as error:
+            if error.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise
 
     async def semaphore_status(self) -> SemaphoreStatus:
         handle = self.client.get_workflow_handle(semaphore_workflow_id(self._pool.name))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import random
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,7 +15,8 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from mayfly.config import ConfigError, GitHubSettings, MayflySettings, PoolSettings, TemporalSettings
-from mayfly.models import job_workflow_id
+from mayfly.embedded import DEMO_LABELS, EmbeddedStack
+from mayfly.models import RunnerJobResult, job_workflow_id
 from mayfly.starter import create_starter_app, signature_matches
 
 SECRET = "It's a Secret to Everybody"
@@ -174,3 +177,50 @@ async def test_temporal_down_then_back_the_redelivery_starts_the_workflow(
         assert (await post(http, body, signature=sign(body))).status_code == 200
     assert await workflow_exists(client, job_id)
     await client.get_workflow_handle(job_workflow_id(job_id)).terminate("test cleanup")
+
+
+async def test_events_out_of_order_start_nothing_twice_and_take_no_slot(
+    client: Client, task_queue: str, pool_name: str, state_dir: Path
+) -> None:
+    """`completed` before `queued`, and `in_progress` before `queued`, as GitHub may deliver them."""
+    stack = EmbeddedStack(client, state_dir=state_dir, task_queue=task_queue, pool=pool_name)
+    await stack.start()
+    assert stack.settings is not None and stack.settings.github.webhook_secret is not None
+    secret = stack.settings.github.webhook_secret.get_secret_value()
+    try:
+        async with httpx.AsyncClient() as http:
+
+            async def deliver(job_id: int, action: str, runner: str | None = None) -> int:
+                payload = job_payload(job_id, action, labels=list(DEMO_LABELS))
+                payload["workflow_job"]["runner_name"] = runner
+                body = json.dumps(payload).encode()
+                response = await http.post(
+                    stack.starter_url,
+                    content=body,
+                    headers={"X-GitHub-Event": "workflow_job", "X-Hub-Signature-256": sign(body, secret)},
+                )
+                return response.status_code
+
+            cancelled, taken = 960_001 + random.randrange(10**6), 970_001 + random.randrange(10**6)
+            assert await deliver(cancelled, "completed") == 200
+            assert await deliver(taken, "in_progress", runner="another-system-runner") == 200
+            results = [
+                await client.get_workflow_handle(
+                    job_workflow_id(job_id), result_type=RunnerJobResult
+                ).result()
+                for job_id in (cancelled, taken)
+            ]
+            # The late `queued` events find finished workflows: nothing new starts.
+            assert await deliver(cancelled, "queued") == 200
+            assert await deliver(taken, "queued") == 200
+            runs = [
+                len([w async for w in client.list_workflows(f"WorkflowId = '{job_workflow_id(job_id)}'")])
+                for job_id in (cancelled, taken)
+            ]
+        slots = await stack.semaphore_status_or_none()
+    finally:
+        await stack.stop()
+    assert [r.outcome for r in results] == ["served-elsewhere", "served-elsewhere"]
+    assert [r.runners_spawned for r in results] == [0, 0]
+    assert runs == [1, 1]
+    assert slots is None or slots.granted_total == 0, "no slot was taken for a job that needed no runner"
