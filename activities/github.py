@@ -20,6 +20,15 @@ from mayfly.models import (
 from mayfly.sealing import Sealer
 
 
+async def _sleep_heartbeating(seconds: float) -> None:
+    """Sleep, heartbeating each second, so a cancellation is delivered while we wait."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while (remaining := deadline - loop.time()) > 0:
+        activity.heartbeat()
+        await asyncio.sleep(min(1.0, remaining))
+
+
 class GitHubActivities:
     def __init__(
         self,
@@ -85,14 +94,15 @@ class GitHubActivities:
 
     @activity.defn(name="github.wait_online")
     async def wait_online(self, ref: RunnerRef) -> RunnerStatus:
-        """Poll until the runner is online, busy or gone; the webhook usually beats the first poll."""
-        await asyncio.sleep(self._first_poll_delay_s)
+        """Poll until the runner is online, busy or gone; the webhook usually beats the first poll,
+        and the workflow then cancels this activity before it has spent a call."""
+        delay = self._first_poll_delay_s
         while True:
+            await _sleep_heartbeating(delay)
             status = await self.runner_status(ref)
             if status.online or status.busy or not status.exists:
                 return status
-            activity.heartbeat()
-            await asyncio.sleep(self._poll_interval_s)
+            delay = self._poll_interval_s
 
     @activity.defn(name="github.deregister_runner")
     async def deregister_runner(self, ref: RunnerRef) -> DeregisterOutcome:

@@ -106,7 +106,7 @@ class SweepActivities:
         """
         report = SweepReport()
         try:
-            queued = await self._github.list_queued_jobs()
+            queued = await self._github.list_queued_jobs(min_age_s=self._settings.reconcile_min_age_s)
         except GitHubError as error:
             raise github_failure(error) from None
         repository = self._settings.github.repository or ""

@@ -74,7 +74,8 @@ async def run_mayfly(client: Client, args: argparse.Namespace, state_dir: Path) 
         faults=FaultConfig(registration_502_rate=args.mint_502, seed=1),
         registration_timeout_s=60,
         sweep_interval_s=60,
-        registration_poll_s=10.0,  # the product default
+        registration_poll_s=10.0,  # the product defaults
+        reconcile_min_age_s=120.0,
     )
     await stack.start()
     try:
@@ -129,11 +130,15 @@ async def run_naive(args: argparse.Namespace, state_dir: Path) -> Figures:
             alive_from = time.monotonic()
             try:
                 name = f"naive-{job_id}"
-                response = await http.post(
-                    f"/repos/{sim.owner}/{sim.repo}/actions/runners/generate-jitconfig",
-                    json={"name": name, "runner_group_id": 1, "labels": DEMO_LABELS},
-                )
-                if response.status_code != 201:
+                try:
+                    response = await http.post(
+                        f"/repos/{sim.owner}/{sim.repo}/actions/runners/generate-jitconfig",
+                        json={"name": name, "runner_group_id": 1, "labels": DEMO_LABELS},
+                    )
+                    minted = response.status_code == 201
+                except httpx.HTTPError:
+                    minted = False
+                if not minted:
                     # The script dies, but the provider counts the container until its timeout.
                     await asyncio.sleep(args.naive_container_timeout)
                     return

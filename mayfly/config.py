@@ -23,7 +23,8 @@ class LocalBackendSettings(BaseModel):
     kind: Literal["local"] = "local"
     # The actions runner reads its JIT config from ACTIONS_RUNNER_INPUT_JITCONFIG, so the
     # default is the real runner's entry point; the demo swaps in the simulated runner.
-    command: list[str] = Field(default_factory=lambda: ["./run.sh"], min_length=1)
+    # The listener itself, not run.sh, which exits 0 even when the listener failed.
+    command: list[str] = Field(default_factory=lambda: ["./bin/Runner.Listener", "run"], min_length=1)
     workdir: Path | None = None
     state_dir: Path = Path(".mayfly/local-backend")
     env: dict[str, str] = Field(default_factory=dict)
@@ -192,6 +193,8 @@ class MayflySettings(BaseSettings):
     secret_key: SecretStr | None = None
     semaphore_reap_interval_s: float = Field(default=20.0, gt=0)
     sweep_interval_s: float = Field(default=60.0, gt=0)
+    # Queued jobs younger than this are left to their webhook before the sweeper steps in.
+    reconcile_min_age_s: float = Field(default=120.0, ge=0)
     # Keep it below the orchestrator's kill deadline (Kubernetes terminationGracePeriodSeconds).
     worker_graceful_shutdown_s: float = Field(default=30.0, ge=0)
     # host:port for the worker's Prometheus endpoint (SDK and Mayfly metrics); unset = off.

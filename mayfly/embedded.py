@@ -75,6 +75,7 @@ class EmbeddedStack:
         registration_poll_s: float = 1.0,
         # Authenticate as a GitHub App (installation tokens) instead of with a PAT.
         use_github_app: bool = False,
+        reconcile_min_age_s: float = 2.0,
     ) -> None:
         self.client = client
         self._state_dir = state_dir
@@ -127,6 +128,7 @@ class EmbeddedStack:
         self._run_worker = run_worker
         self._secret_key = secret_key
         self._registration_poll_s = registration_poll_s
+        self._reconcile_min_age_s = reconcile_min_age_s
         self._sweep_interval_s = sweep_interval_s
         self.settings: MayflySettings | None = None
         self.backend: ContainerBackend = backend or LocalProcessBackend(self._pool.backend)  # type: ignore[arg-type]
@@ -170,6 +172,7 @@ class EmbeddedStack:
             pools=[self._pool],
             semaphore_reap_interval_s=self._reap_interval_s,
             sweep_interval_s=self._sweep_interval_s,
+            reconcile_min_age_s=self._reconcile_min_age_s,
         )
         client = self.client
 

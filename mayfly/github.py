@@ -7,6 +7,7 @@ activity retry policy, which is durable and visible in the UI.
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
@@ -231,14 +232,22 @@ class GitHubClient:
             raise
         return True
 
-    async def list_queued_jobs(self) -> list[WorkflowJob]:
-        """Jobs GitHub still has queued (repository scope), for recovering missed webhooks."""
+    async def list_queued_jobs(self, *, min_age_s: float = 0.0) -> list[WorkflowJob]:
+        """Jobs GitHub still has queued (repository scope), for recovering missed webhooks.
+
+        Runs younger than `min_age_s` are skipped: their webhooks are most likely still on the
+        way, and listing their jobs would cost one call per run during every burst.
+        """
         if self._settings.repository is None:
             return []
         base = f"/repos/{self._settings.repository}/actions"
         response = await self._request("GET", f"{base}/runs", params={"status": "queued", "per_page": 100})
+        newest = datetime.now(UTC) - timedelta(seconds=min_age_s)
         jobs: list[WorkflowJob] = []
         for run in response.json().get("workflow_runs", []):
+            created_at = run.get("created_at")
+            if created_at and datetime.fromisoformat(str(created_at).replace("Z", "+00:00")) > newest:
+                continue
             listed = await self._request("GET", f"{base}/runs/{run['id']}/jobs", params={"per_page": 100})
             for item in listed.json().get("jobs", []):
                 job = WorkflowJob.model_validate(item)

@@ -49,6 +49,8 @@ PERMANENT_ERROR_TYPES = frozenset(
     {"GitHubHTTP401", "GitHubHTTP403", "GitHubHTTP404", "GitHubHTTP422", "UnknownPool"}
 )
 FINISHED_EXIT_GRACE = timedelta(seconds=60)
+SKIP_DEREGISTER_AFTER_JOB = "skip-deregister-after-job"
+CLEAN_EXIT_IS_NOT_A_FAILURE = "clean-exit-is-not-a-registration-failure"
 _JOB_ORDER = {"queued": 0, "waiting": 0, "in_progress": 1, "completed": 2}
 
 
@@ -81,6 +83,7 @@ class RunnerJobWorkflow:
         self._last_error: str | None = None
         self._events_seen = 0
         self._runner_attribute: str | None = None
+        self._clean_exits_unseen = 0
 
     # --- messages -------------------------------------------------------------------------
 
@@ -260,6 +263,18 @@ class RunnerJobWorkflow:
             )
             self._set_phase(JobPhase.REGISTERING, f"`{track.name}` to come online")
             if not await self._confirm_registration(track, minted, exit_task):
+                if _exit_code(exit_task) == 0 and workflow.patched(CLEAN_EXIT_IS_NOT_A_FAILURE):
+                    # The listener exits 0 only after a job (or once its registration is gone): it
+                    # ran some job before its webhooks arrived. Not a failed registration.
+                    self._clean_exits_unseen += 1
+                    if self._clean_exits_unseen > params.max_registration_attempts * 3:
+                        raise ApplicationError(
+                            f"{self._clean_exits_unseen} runners for job {job.job_id} exited cleanly without "
+                            "ever being seen online; are webhooks reaching the starter?",
+                            type="RunnersVanish",
+                            non_retryable=True,
+                        )
+                    return
                 cause = "exited" if exit_task.done() else "timeout"
                 self._registration_failed(
                     cause, f"{track.name} did not come online within {params.registration_timeout_s:.0f}s"
@@ -279,7 +294,9 @@ class RunnerJobWorkflow:
             GitHubActivities.wait_online,
             RunnerRef(runner_name=track.name, runner_id=minted.runner_id),
             start_to_close_timeout=timeout + timedelta(seconds=30),
-            heartbeat_timeout=timedelta(seconds=30),
+            # Short, so the cancel sent when the webhook wins reaches the activity before its
+            # first poll (cancellation travels on heartbeat responses).
+            heartbeat_timeout=timedelta(seconds=4),
             retry_policy=GITHUB_RETRY,
             summary=f"poll {track.name} online",
             task_queue=self._github_queue(),
@@ -339,9 +356,19 @@ class RunnerJobWorkflow:
     ) -> None:
         self._set_phase(JobPhase.TEARING_DOWN, f"`{track.name}`")
         lifetime_end = spawned_at + timedelta(seconds=self._params.max_lifetime_s)
+        # An ephemeral runner that took a job and then exited, or whose listener exited cleanly
+        # (it does so only after its job or once its registration is gone), has been removed by
+        # GitHub already; deleting it again would only cost an API call. Webhooks can lag the
+        # exit under load, so the exit code counts too. The sweeper catches the odd leftover.
+        ran_and_exited = (
+            exit_task is not None
+            and _exited(exit_task)
+            and (track.assigned_job is not None or _exit_code(exit_task) == 0)
+        )
+        already_gone = track.finished or (ran_and_exited and workflow.patched(SKIP_DEREGISTER_AFTER_JOB))
         # Deregister first: GitHub refuses to delete a busy runner, and deleting an idle one
         # guarantees it takes no job while its container is being stopped.
-        if minted is not None and not track.finished:
+        if minted is not None and not already_gone:
             while True:
                 outcome = await self._deregister(track, minted)
                 if outcome is not DeregisterOutcome.BUSY:
@@ -378,6 +405,14 @@ class RunnerJobWorkflow:
             summary=f"deregister {track.name}",
             task_queue=self._github_queue(),
         )
+
+
+def _exited(task: asyncio.Task[ContainerExit]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
+def _exit_code(task: asyncio.Task[ContainerExit]) -> int | None:
+    return task.result().exit_code if _exited(task) else None
 
 
 async def _cancel_quietly(task: asyncio.Task[Any]) -> None:
