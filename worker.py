@@ -30,10 +30,12 @@ from mayfly.backends.factory import build_backends
 from mayfly.config import ConfigError, MayflySettings, load_settings_or_report
 from mayfly.github import GitHubClient
 from mayfly.github_factory import github_client
+from mayfly.health import health_app
 from mayfly.logs import configure_logging
 from mayfly.metrics import prometheus_runtime
 from mayfly.models import SemaphoreInput, semaphore_workflow_id
 from mayfly.sealing import Sealer
+from mayfly.serving import serve
 from mayfly.temporal import connect
 from workflows.runner_job import RunnerJobWorkflow
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
@@ -86,7 +88,6 @@ def build_workers(
         task_queue=settings.temporal.github_task_queue,
         activities=[
             github_activities.mint_runner,
-            github_activities.runner_status,
             github_activities.wait_online,
             github_activities.deregister_runner,
             sweep_activities.registrations,
@@ -153,6 +154,10 @@ async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
                 await running.enter_async_context(worker)
             await sync_capacities(client, settings)
             await start_sweeper(client, settings)
+            if settings.health_bind_address:
+                host, port = settings.health_bind_address.rsplit(":", 1)
+                health = await serve(health_app(client), host=host, port=int(port))
+                running.push_async_callback(health.stop)
             log.info("worker polling task queue %s", settings.temporal.task_queue)
             await stop.wait()
             log.info("shutting down: finishing activities in flight")

@@ -82,8 +82,7 @@ class GitHubActivities:
             jit_config=self._sealer.seal(jit.encoded_jit_config, context=request.runner_name),
         )
 
-    @activity.defn(name="github.runner_status")
-    async def runner_status(self, ref: RunnerRef) -> RunnerStatus:
+    async def _status(self, ref: RunnerRef) -> RunnerStatus:
         try:
             runner = await self._github.find_runner(ref.runner_name)
         except GitHubError as error:
@@ -99,7 +98,7 @@ class GitHubActivities:
         delay = self._first_poll_delay_s
         while True:
             await _sleep_heartbeating(delay)
-            status = await self.runner_status(ref)
+            status = await self._status(ref)
             if status.online or status.busy or not status.exists:
                 return status
             delay = self._poll_interval_s

@@ -199,6 +199,8 @@ class MayflySettings(BaseSettings):
     worker_graceful_shutdown_s: float = Field(default=30.0, ge=0)
     # host:port for the worker's Prometheus endpoint (SDK and Mayfly metrics); unset = off.
     log_format: Literal["text", "json"] = "text"
+    # host:port for the worker's /healthz and /readyz; unset = off.
+    health_bind_address: str | None = Field(default=None, pattern=r"^[\w.-]+:\d{1,5}$")
     metrics_bind_address: str | None = Field(default=None, pattern=r"^[\w.-]+:\d{1,5}$")
 
     @field_validator("pools")

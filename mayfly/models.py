@@ -212,21 +212,6 @@ class ContainerExit(BaseModel):
     exit_code: int | None
 
 
-class ContainerInfo(BaseModel):
-    pool: str
-    name: str
-    backend_id: str
-    owner_workflow_id: str
-    job_id: int
-    running: bool
-
-
-class ReclaimRequest(BaseModel):
-    pool: str
-    owner_workflow_id: str
-    job_id: int
-
-
 RUNNER_NAME = re.compile(r"^(?P<prefix>[a-z][a-z0-9]{0,15})-(?P<job_id>\d+)-a(?P<attempt>\d+)$")
 
 

@@ -8,15 +8,17 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 from temporalio.client import Client
 
 from mayfly.embedded import DEMO_LABELS, SIMULATED_RUNNER, EmbeddedStack
+from tests.test_metrics import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 GRACE_S = 2.0
 
 
-def worker_config(stack: EmbeddedStack, client: Client, secret_key: str) -> str:
+def worker_config(stack: EmbeddedStack, client: Client, secret_key: str, health_port: int) -> str:
     assert stack.settings is not None
     github = stack.settings.github
     pool = stack.settings.pools[0]
@@ -25,6 +27,7 @@ def worker_config(stack: EmbeddedStack, client: Client, secret_key: str) -> str:
     return f"""
 secret_key = "{secret_key}"
 worker_graceful_shutdown_s = {GRACE_S}
+health_bind_address = "127.0.0.1:{health_port}"
 semaphore_reap_interval_s = 2
 
 [github]
@@ -48,6 +51,18 @@ state_dir = "{stack.backend_state_dir}"
 """.replace("'", '"')
 
 
+async def until_ready(url: str, within_s: float = 30) -> None:
+    """The worker process needs a moment to start; poll its readiness endpoint until it answers 200."""
+    async with asyncio.timeout(within_s), httpx.AsyncClient() as http:
+        while True:
+            try:
+                if (await http.get(url)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.2)
+
+
 async def test_sigterm_exits_zero_and_the_job_finishes_on_another_worker(
     client: Client, task_queue: str, pool_name: str, state_dir: Path
 ) -> None:
@@ -62,7 +77,8 @@ async def test_sigterm_exits_zero_and_the_job_finishes_on_another_worker(
     )
     await stack.start()
     config = state_dir / "worker.toml"
-    config.write_text(worker_config(stack, client, secret_key))
+    health_port = free_port()
+    config.write_text(worker_config(stack, client, secret_key, health_port))
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(ROOT / "worker.py"),
@@ -73,6 +89,7 @@ async def test_sigterm_exits_zero_and_the_job_finishes_on_another_worker(
         stderr=asyncio.subprocess.STDOUT,
     )
     try:
+        await until_ready(f"http://127.0.0.1:{health_port}/readyz")
         (job_id,) = stack.queue_jobs(1, duration_s=6.0)
         sim = stack.simulator
         # The runner is working on the job: the worker has a container-watching activity in flight.
