@@ -15,7 +15,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from mayfly import search_attributes
-from mayfly.config import MayflySettings
+from mayfly.config import MayflySettings, PoolSettings
 from mayfly.models import JobEvent, JobInfo, RunnerJobInput, job_workflow_id, owner_job_of
 from workflows.runner_job import RunnerJobWorkflow
 
@@ -32,8 +32,7 @@ class JobDispatcher:
     def __init__(self, settings: MayflySettings) -> None:
         self._settings = settings
 
-    def workflow_input(self, job: JobInfo, pool_name: str) -> RunnerJobInput:
-        pool = self._settings.pool(pool_name)
+    def workflow_input(self, job: JobInfo, pool: PoolSettings) -> RunnerJobInput:
         return RunnerJobInput(
             job=job.model_copy(update={"pool": pool.name}),
             pool_labels=pool.labels,
@@ -52,34 +51,36 @@ class JobDispatcher:
         pool = self._settings.pool_for(job.labels)
         if pool is None:
             return None
-        await self._signal_with_start(client, job, pool.name, event)
+        await self._signal_with_start(client, job, pool, event)
         owner = owner_job_of(event.runner_name or "", self._settings.github.runner_name_prefix)
         if owner is not None and owner != job.job_id:
             # The runner that took this job was started by another job's workflow; tell it too.
             await self._signal_existing(client, job_workflow_id(owner), event)
         return pool.name
 
-    async def _signal_with_start(self, client: Client, job: JobInfo, pool_name: str, event: JobEvent) -> None:
+    async def _signal_with_start(
+        self, client: Client, job: JobInfo, pool: PoolSettings, event: JobEvent
+    ) -> None:
         labels = ", ".join(job.labels)
         try:
             await client.start_workflow(
                 RunnerJobWorkflow.run,
-                self.workflow_input(job, pool_name),
+                self.workflow_input(job, pool),
                 id=job_workflow_id(job.job_id),
                 task_queue=self._settings.temporal.task_queue,
                 start_signal="job_event",
                 start_signal_args=[event],
                 # A job's workflow runs once: a redelivered event for a finished job starts nothing.
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                static_summary=f"{job.repository} job {job.job_id} ({pool_name})",
+                static_summary=f"{job.repository} job {job.job_id} ({pool.name})",
                 static_details=(
                     f"**Repository:** {job.repository}  \n**Job:** {job.name} (id {job.job_id}, "
                     f"run {job.run_id} attempt {job.run_attempt})  \n**Labels:** {labels}  \n"
-                    f"**Pool:** {pool_name}"
+                    f"**Pool:** {pool.name}"
                 ),
                 search_attributes=TypedSearchAttributes(
                     [
-                        SearchAttributePair(search_attributes.POOL, pool_name),
+                        SearchAttributePair(search_attributes.POOL, pool.name),
                         SearchAttributePair(search_attributes.REPOSITORY, job.repository),
                         SearchAttributePair(search_attributes.JOB_ID, job.job_id),
                         SearchAttributePair(search_attributes.STATE, "queued"),

@@ -39,6 +39,34 @@ def prometheus_runtime(bind_address: str) -> Runtime:
     )
 
 
+class SemaphoreMetrics:
+    """A pool semaphore's instruments, created once per workflow instance rather than per task."""
+
+    def __init__(self, meter: MetricMeter, pool: str) -> None:
+        meter = meter.with_additional_attributes({"pool": pool})
+        self.held = meter.create_gauge(SLOTS_HELD, "slots held by job workflows")
+        self.waiters = meter.create_gauge(SLOT_WAITERS, "job workflows waiting for a slot")
+        self.capacity = meter.create_gauge(SLOT_CAPACITY, "the pool's cap")
+        self.wait_seconds = meter.create_histogram_float(
+            SLOT_WAIT_SECONDS, "from asking for a slot to being granted one", "s"
+        )
+        self.reclaimed = meter.create_counter(SLOTS_RECLAIMED, "slots freed from closed holders")
+
+
+class JobMetrics:
+    """A job workflow's instruments, created once per workflow instance."""
+
+    def __init__(self, meter: MetricMeter, pool: str) -> None:
+        meter = meter.with_additional_attributes({"pool": pool})
+        self.phases = meter.create_counter(JOB_PHASES, "job workflows entering each phase")
+        self.registration_failures = meter.create_counter(
+            REGISTRATION_FAILURES, "runner attempts that never came online"
+        )
+        self.webhook_to_spawn = meter.create_histogram_float(
+            WEBHOOK_TO_SPAWN_SECONDS, "from the job's workflow start to its container running", "s"
+        )
+
+
 def record_rate_limit(meter: MetricMeter, remaining: int | None) -> None:
     if remaining is not None:
         meter.create_gauge(GITHUB_RATE_LIMIT_REMAINING, "GitHub API calls left in the current window").set(

@@ -51,10 +51,6 @@ class WorkflowJobWebhook(BaseModel):
     repository: WebhookRepository
 
 
-class TemporalUnavailable(Exception):
-    pass
-
-
 ClientProvider = Callable[[], Awaitable[Client]]
 
 
@@ -85,7 +81,7 @@ class WebhookStarter:
         try:
             return await self._client_provider()
         except Exception as error:
-            raise TemporalUnavailable(str(error)) from error
+            raise DispatchUnavailable(str(error)) from error
 
     async def _read_body(self, request: Request) -> bytes | None:
         limit = self._settings.starter.max_body_bytes
@@ -133,7 +129,7 @@ class WebhookStarter:
             return _answer(202, f"action {payload.action!r} ignored")
         try:
             return await self._dispatch(payload, request.headers.get("x-github-delivery", ""))
-        except (TemporalUnavailable, DispatchUnavailable) as error:
+        except DispatchUnavailable as error:
             self.counters["temporal_unavailable"] += 1
             log.warning("Temporal unavailable, asking GitHub to redeliver: %s", error)
             return _answer(503, "Temporal is unavailable; redeliver this event later")

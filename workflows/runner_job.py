@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from temporalio import workflow
-from temporalio.common import MetricMeter, RetryPolicy
+from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -84,6 +84,7 @@ class RunnerJobWorkflow:
         self._events_seen = 0
         self._runner_attribute: str | None = None
         self._clean_exits_unseen = 0
+        self._instruments: metrics.JobMetrics | None = None
 
     # --- messages -------------------------------------------------------------------------
 
@@ -126,15 +127,15 @@ class RunnerJobWorkflow:
 
     # --- main -----------------------------------------------------------------------------
 
-    def _meter(self) -> MetricMeter:
-        return workflow.metric_meter().with_additional_attributes({"pool": self._params.job.pool})
+    def _metrics(self) -> metrics.JobMetrics:
+        if self._instruments is None:
+            self._instruments = metrics.JobMetrics(workflow.metric_meter(), self._params.job.pool)
+        return self._instruments
 
     def _registration_failed(self, cause: str, message: str) -> None:
         self._failures += 1
         self._last_error = message
-        self._meter().create_counter(
-            metrics.REGISTRATION_FAILURES, "runner attempts that never came online"
-        ).add(1, {"cause": cause})
+        self._metrics().registration_failures.add(1, {"cause": cause})
 
     def _github_queue(self) -> str | None:
         return self._params.github_task_queue or None
@@ -153,9 +154,7 @@ class RunnerJobWorkflow:
         if updates:
             workflow.upsert_search_attributes(updates)
         if phase is not self._phase:
-            self._meter().create_counter(metrics.JOB_PHASES, "job workflows entering each phase").add(
-                1, {"phase": phase.value}
-            )
+            self._metrics().phases.add(1, {"phase": phase.value})
         self._phase = phase
         workflow.set_current_details(f"**{phase.value}**: {details}")
 
@@ -248,11 +247,9 @@ class RunnerJobWorkflow:
                 cause = "mint" if minted is None else "spawn"
                 self._registration_failed(cause, f"{track.name}: {error.cause or error}")
                 return
-            self._meter().create_histogram_float(
-                metrics.WEBHOOK_TO_SPAWN_SECONDS,
-                "from the job's workflow start to its container running",
-                "s",
-            ).record((workflow.now() - workflow.info().start_time).total_seconds())
+            self._metrics().webhook_to_spawn.record(
+                (workflow.now() - workflow.info().start_time).total_seconds()
+            )
             exit_task = workflow.start_activity_method(
                 ContainerActivities.wait_exit,
                 container,

@@ -11,7 +11,6 @@ import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import MetricMeter
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -44,6 +43,7 @@ class SlotSemaphoreWorkflow:
         self._reap: asyncio.Task[list[str]] | None = None
         # Set by every signal so the loop refreshes the UI details and gauges after it.
         self._dirty = False
+        self._instruments: metrics.SemaphoreMetrics | None = None
 
     @workflow.signal
     def acquire(self, request: AcquireRequest) -> None:
@@ -109,9 +109,7 @@ class SlotSemaphoreWorkflow:
         granted_at = workflow.now()
         self._s.holders[request.request_id] = Holder(request=request, granted_at=granted_at)
         self._s.granted_total += 1
-        self._meter().create_histogram_float(
-            metrics.SLOT_WAIT_SECONDS, "from asking for a slot to being granted one", "s"
-        ).record((granted_at - request.requested_at).total_seconds())
+        self._metrics().wait_seconds.record((granted_at - request.requested_at).total_seconds())
         task = asyncio.create_task(self._send_grant(request))
         self._grants_in_flight.add(task)
         task.add_done_callback(self._grants_in_flight.discard)
@@ -149,19 +147,19 @@ class SlotSemaphoreWorkflow:
         for request_id in dead:
             if request_id in self._s.holders:
                 self._s.reclaimed_total += 1
-                self._meter().create_counter(metrics.SLOTS_RECLAIMED, "slots freed from closed holders").add(
-                    1
-                )
+                self._metrics().reclaimed.add(1)
                 self._forget(request_id)
 
-    def _meter(self) -> MetricMeter:
-        return workflow.metric_meter().with_additional_attributes({"pool": self._s.pool})
+    def _metrics(self) -> metrics.SemaphoreMetrics:
+        if self._instruments is None:
+            self._instruments = metrics.SemaphoreMetrics(workflow.metric_meter(), self._s.pool)
+        return self._instruments
 
     def _publish_gauges(self) -> None:
-        meter = self._meter()
-        meter.create_gauge(metrics.SLOTS_HELD, "slots held by job workflows").set(len(self._s.holders))
-        meter.create_gauge(metrics.SLOT_WAITERS, "job workflows waiting for a slot").set(len(self._s.waiters))
-        meter.create_gauge(metrics.SLOT_CAPACITY, "the pool's cap").set(self._s.capacity)
+        instruments = self._metrics()
+        instruments.held.set(len(self._s.holders))
+        instruments.waiters.set(len(self._s.waiters))
+        instruments.capacity.set(self._s.capacity)
 
     def _quiescent(self) -> bool:
         return not self._grants_in_flight and workflow.all_handlers_finished()
