@@ -39,7 +39,13 @@ from mayfly.serving import serve
 from mayfly.temporal import connect
 from workflows.runner_job import RunnerJobWorkflow
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
-from workflows.sweeper import SweeperInput, SweeperWorkflow, sweeper_workflow_id
+from workflows.sweeper import (
+    CONFIGURE_SIGNAL,
+    SweeperConfig,
+    SweeperInput,
+    SweeperWorkflow,
+    sweeper_workflow_id,
+)
 
 log = logging.getLogger("mayfly.worker")
 
@@ -90,6 +96,7 @@ def build_workers(
             github_activities.mint_runner,
             github_activities.wait_online,
             github_activities.deregister_runner,
+            github_activities.job_status,
             sweep_activities.registrations,
             sweep_activities.queued_jobs,
         ],
@@ -100,15 +107,19 @@ def build_workers(
 
 
 async def start_sweeper(client: Client, settings: MayflySettings) -> None:
+    """Start the sweeper, or hand the running one this worker's pool list and interval."""
+    config = SweeperConfig(
+        pools=[pool.name for pool in settings.pools],
+        interval_s=settings.sweep_interval_s,
+        github_task_queue=settings.temporal.github_task_queue,
+    )
     await client.start_workflow(
         SweeperWorkflow.run,
-        SweeperInput(
-            pools=[pool.name for pool in settings.pools],
-            interval_s=settings.sweep_interval_s,
-            github_task_queue=settings.temporal.github_task_queue,
-        ),
+        SweeperInput(config=config),
         id=sweeper_workflow_id(settings.temporal.task_queue),
         task_queue=settings.temporal.task_queue,
+        start_signal=CONFIGURE_SIGNAL,
+        start_signal_args=[config],
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         static_summary="Removes containers and runner registrations that outlived their workflow",
     )

@@ -12,6 +12,8 @@ from mayfly.github import AlreadyExists, GitHubClient, GitHubError, JitConfig, R
 from mayfly.metrics import record_rate_limit
 from mayfly.models import (
     DeregisterOutcome,
+    GitHubJobStatus,
+    JobRef,
     MintedRunner,
     MintRequest,
     RunnerRef,
@@ -118,3 +120,16 @@ class GitHubActivities:
         except GitHubError as error:
             raise github_failure(error) from None
         return DeregisterOutcome.DELETED if deleted else DeregisterOutcome.ABSENT
+
+    @activity.defn(name="github.job_status")
+    async def job_status(self, ref: JobRef) -> GitHubJobStatus:
+        """Ask GitHub where a job stands, when webhooks leave its workflow unsure."""
+        try:
+            job = await self._github.get_job(ref.repository, ref.job_id)
+        except GitHubError as error:
+            raise github_failure(error) from None
+        if job is None:
+            return GitHubJobStatus(found=False)
+        return GitHubJobStatus(
+            found=True, status=job.status, conclusion=job.conclusion, runner_name=job.runner_name
+        )

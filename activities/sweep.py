@@ -7,6 +7,7 @@ its teardown. Anything named after it that outlives it is an orphan.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel
 from temporalio import activity
@@ -27,16 +28,22 @@ class SweepReport(BaseModel):
     removed: list[str] = []
     busy: list[str] = []
     recovered: list[str] = []
+    gave_up: list[str] = []
 
 
-async def owner_running(workflow_id: str) -> bool:
+async def workflow_status(workflow_id: str) -> WorkflowExecutionStatus | None:
+    """The status of the workflow's latest run, or None if it never existed (or was deleted)."""
     try:
         description = await activity.client().get_workflow_handle(workflow_id).describe()
     except RPCError as error:
         if error.status == RPCStatusCode.NOT_FOUND:
-            return False
+            return None
         raise
-    return description.status == WorkflowExecutionStatus.RUNNING
+    return description.status
+
+
+async def owner_running(workflow_id: str) -> bool:
+    return await workflow_status(workflow_id) == WorkflowExecutionStatus.RUNNING
 
 
 class SweepActivities:
@@ -99,37 +106,79 @@ class SweepActivities:
 
     @activity.defn(name="sweep.queued_jobs")
     async def queued_jobs(self) -> SweepReport:
-        """Start workflows for queued jobs whose `queued` webhook never arrived.
+        """Give every job GitHub still has queued (or waiting) a running workflow.
 
-        GitHub does not redeliver a failed delivery by itself. Dispatching a job that already
-        has a workflow is harmless: it only signals `queued` again.
+        GitHub does not redeliver a failed delivery by itself, and a workflow can close without
+        serving its job (it failed, or an operator terminated or cancelled it). A job is given a
+        new workflow at most `max_job_restarts` times, and never once it is older than the job
+        deadline.
         """
         report = SweepReport()
+        settings = self._settings
         try:
-            queued = await self._github.list_queued_jobs(min_age_s=self._settings.reconcile_min_age_s)
+            open_jobs = await self._github.list_open_jobs(min_age_s=settings.reconcile_min_age_s)
         except GitHubError as error:
             raise github_failure(error) from None
-        repository = self._settings.github.repository or ""
-        for job in queued:
+        if not open_jobs:
+            return report
+        client = activity.client()
+        running = {
+            execution.id
+            async for execution in client.list_workflows(
+                'WorkflowType = "RunnerJob" AND ExecutionStatus = "Running"'
+            )
+        }
+        oldest = datetime.now(UTC) - timedelta(seconds=settings.job_deadline_s)
+        for job in open_jobs:
             report.checked += 1
-            if await owner_running(job_workflow_id(job.id)):
+            workflow_id = job_workflow_id(job.id)
+            if workflow_id in running:
                 continue
+            activity.heartbeat(job.id)
+            status = await workflow_status(workflow_id)
+            if status == WorkflowExecutionStatus.RUNNING:
+                continue  # started after the listing
+            if job.created_at is not None and job.created_at < oldest:
+                continue
+            if status is not None:
+                runs = (await client.count_workflows(f'WorkflowId = "{workflow_id}"')).count
+                if runs > settings.max_job_restarts:
+                    activity.logger.warning(
+                        "job %s is still %s on GitHub after %d workflows; not starting another",
+                        job.id,
+                        job.status,
+                        runs,
+                    )
+                    report.gave_up.append(f"job {job.id}")
+                    continue
             info = JobInfo(
                 job_id=job.id,
                 run_id=job.run_id,
                 run_attempt=job.run_attempt,
-                repository=repository,
+                repository=job.repository,
                 name=job.name,
                 labels=job.labels,
                 pool="",
             )
+            action = "waiting" if job.status == "waiting" else "queued"
             try:
                 pool = await self._dispatcher.dispatch(
-                    activity.client(), info, JobEvent(action="queued", job_id=job.id)
+                    client, info, JobEvent(action=action, job_id=job.id), restart_closed=status is not None
                 )
             except DispatchUnavailable as error:
                 raise ApplicationError(str(error), type="TemporalUnavailable") from None
-            if pool is not None:
-                activity.logger.warning("job %s was queued but had no workflow; started one", job.id)
-                report.recovered.append(f"job {job.id}")
+            if pool is None:
+                continue
+            if status is None:
+                activity.logger.warning(
+                    "job %s was %s with no workflow (webhook lost); started one", job.id, job.status
+                )
+            else:
+                activity.logger.warning(
+                    "job %s was %s but its workflow had closed (%s); started a new one",
+                    job.id,
+                    job.status,
+                    status.name,
+                )
+            report.recovered.append(f"job {job.id}")
         return report

@@ -195,6 +195,15 @@ class MayflySettings(BaseSettings):
     sweep_interval_s: float = Field(default=60.0, gt=0)
     # Queued jobs younger than this are left to their webhook before the sweeper steps in.
     reconcile_min_age_s: float = Field(default=120.0, ge=0)
+    # A job workflow gives up once its job has waited this long (GitHub cancels a job that
+    # stays queued for 24 h), and the sweeper restarts no workflow for a job older than this.
+    job_deadline_s: float = Field(default=24 * 3600.0, gt=0)
+    # How often a job workflow that waits long (for approval, a slot, or a job for its idle
+    # runner) asks GitHub whether its job still needs a runner, in case webhooks were lost.
+    job_status_check_interval_s: float = Field(default=300.0, gt=0)
+    # How many times the sweeper starts a new workflow for a job that GitHub still has queued
+    # after its workflow closed (failed, terminated, cancelled) without serving it.
+    max_job_restarts: int = Field(default=3, ge=0)
     # Keep it below the orchestrator's kill deadline (Kubernetes terminationGracePeriodSeconds).
     worker_graceful_shutdown_s: float = Field(default=30.0, ge=0)
     # host:port for the worker's Prometheus endpoint (SDK and Mayfly metrics); unset = off.

@@ -44,14 +44,22 @@ class JobDispatcher:
             max_lifetime_s=pool.max_lifetime_s,
             runner_name_prefix=self._settings.github.runner_name_prefix,
             github_task_queue=self._settings.temporal.github_task_queue,
+            job_deadline_s=self._settings.job_deadline_s,
+            status_check_interval_s=self._settings.job_status_check_interval_s,
         )
 
-    async def dispatch(self, client: Client, job: JobInfo, event: JobEvent) -> str | None:
-        """The pool the job went to, or None when no pool serves its labels."""
+    async def dispatch(
+        self, client: Client, job: JobInfo, event: JobEvent, *, restart_closed: bool = False
+    ) -> str | None:
+        """The pool the job went to, or None when no pool serves its labels.
+
+        A job's workflow runs once: a redelivered event for a finished job starts nothing.
+        Only the reconciler, which has asked GitHub that the job still needs a runner, passes
+        `restart_closed` to start a new run after a closed one."""
         pool = self._settings.pool_for(job.labels)
         if pool is None:
             return None
-        await self._signal_with_start(client, job, pool, event)
+        await self._signal_with_start(client, job, pool, event, restart_closed=restart_closed)
         owner = owner_job_of(event.runner_name or "", self._settings.github.runner_name_prefix)
         if owner is not None and owner != job.job_id:
             # The runner that took this job was started by another job's workflow; tell it too.
@@ -59,7 +67,7 @@ class JobDispatcher:
         return pool.name
 
     async def _signal_with_start(
-        self, client: Client, job: JobInfo, pool: PoolSettings, event: JobEvent
+        self, client: Client, job: JobInfo, pool: PoolSettings, event: JobEvent, *, restart_closed: bool
     ) -> None:
         labels = ", ".join(job.labels)
         try:
@@ -70,8 +78,11 @@ class JobDispatcher:
                 task_queue=self._settings.temporal.task_queue,
                 start_signal="job_event",
                 start_signal_args=[event],
-                # A job's workflow runs once: a redelivered event for a finished job starts nothing.
-                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                id_reuse_policy=(
+                    WorkflowIDReusePolicy.ALLOW_DUPLICATE
+                    if restart_closed
+                    else WorkflowIDReusePolicy.REJECT_DUPLICATE
+                ),
                 static_summary=f"{job.repository} job {job.job_id} ({pool.name})",
                 static_details=(
                     f"**Repository:** {job.repository}  \n**Job:** {job.name} (id {job.job_id}, "

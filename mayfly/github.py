@@ -52,7 +52,19 @@ class WorkflowJob(BaseModel):
     run_attempt: int = 1
     name: str = ""
     status: str
+    conclusion: str | None = None
     labels: list[str] = Field(default_factory=list)
+    runner_name: str | None = None
+    created_at: datetime | None = None
+    # Not in GitHub's job object; filled in by the listing that found the job.
+    repository: str = ""
+
+
+# Bounds every listing, so one sweep of a huge organization cannot run away.
+MAX_PAGES = 20
+PER_PAGE = 100
+# Jobs in these states still need a runner (or will, once approved).
+OPEN_JOB_STATUSES = ("queued", "waiting")
 
 
 class GitHubError(Exception):
@@ -232,25 +244,61 @@ class GitHubClient:
             raise
         return True
 
-    async def list_queued_jobs(self, *, min_age_s: float = 0.0) -> list[WorkflowJob]:
-        """Jobs GitHub still has queued (repository scope), for recovering missed webhooks.
+    async def get_job(self, repository: str, job_id: int) -> WorkflowJob | None:
+        """GitHub's current view of one job, or None if it no longer exists."""
+        try:
+            response = await self._request("GET", f"/repos/{repository}/actions/jobs/{job_id}")
+        except GitHubError as error:
+            if error.status == 404:
+                return None
+            raise
+        job = WorkflowJob.model_validate(response.json())
+        job.repository = repository
+        return job
+
+    async def _pages(self, path: str, key: str | None, params: dict[str, Any] | None = None) -> list[Any]:
+        """Every item of a paginated listing, up to MAX_PAGES pages."""
+        items: list[Any] = []
+        for page in range(1, MAX_PAGES + 1):
+            response = await self._request(
+                "GET", path, params={**(params or {}), "per_page": PER_PAGE, "page": page}
+            )
+            body = response.json()
+            batch = body if key is None else body.get(key, [])
+            items.extend(batch)
+            if len(batch) < PER_PAGE:
+                break
+        return items
+
+    async def _repositories(self) -> list[str]:
+        if self._settings.repository is not None:
+            return [self._settings.repository]
+        repos = await self._pages(f"/orgs/{self._settings.organization}/repos", None)
+        return [str(repo["full_name"]) for repo in repos if not repo.get("archived", False)]
+
+    async def list_open_jobs(self, *, min_age_s: float = 0.0) -> list[WorkflowJob]:
+        """Jobs GitHub still has queued or waiting, in every repository in scope, for recovering
+        missed webhooks. A matrix or `needs:` run is in progress while some of its jobs are
+        still queued, so in-progress runs are listed too.
 
         Runs younger than `min_age_s` are skipped: their webhooks are most likely still on the
         way, and listing their jobs would cost one call per run during every burst.
         """
-        if self._settings.repository is None:
-            return []
-        base = f"/repos/{self._settings.repository}/actions"
-        response = await self._request("GET", f"{base}/runs", params={"status": "queued", "per_page": 100})
         newest = datetime.now(UTC) - timedelta(seconds=min_age_s)
         jobs: list[WorkflowJob] = []
-        for run in response.json().get("workflow_runs", []):
-            created_at = run.get("created_at")
-            if created_at and datetime.fromisoformat(str(created_at).replace("Z", "+00:00")) > newest:
-                continue
-            listed = await self._request("GET", f"{base}/runs/{run['id']}/jobs", params={"per_page": 100})
-            for item in listed.json().get("jobs", []):
-                job = WorkflowJob.model_validate(item)
-                if job.status == "queued":
-                    jobs.append(job)
+        for repository in await self._repositories():
+            base = f"/repos/{repository}/actions"
+            runs: dict[int, Any] = {}
+            for status in ("queued", "waiting", "in_progress"):
+                for run in await self._pages(f"{base}/runs", "workflow_runs", {"status": status}):
+                    runs.setdefault(int(run["id"]), run)
+            for run_id, run in runs.items():
+                created_at = run.get("created_at")
+                if created_at and datetime.fromisoformat(str(created_at).replace("Z", "+00:00")) > newest:
+                    continue
+                for item in await self._pages(f"{base}/runs/{run_id}/jobs", "jobs"):
+                    job = WorkflowJob.model_validate(item)
+                    if job.status in OPEN_JOB_STATUSES:
+                        job.repository = repository
+                        jobs.append(job)
         return jobs

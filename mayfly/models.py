@@ -13,6 +13,9 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 JobAction = Literal["queued", "waiting", "in_progress", "completed"]
+# What the job workflow believes of its GitHub job. "unknown" until a webhook or GitHub says;
+# statuses only move forward (waiting -> queued -> in_progress -> completed).
+JobStatus = Literal["unknown", "waiting", "queued", "in_progress", "completed"]
 
 
 class JobInfo(BaseModel):
@@ -36,6 +39,7 @@ class JobEvent(BaseModel):
 
 class JobPhase(StrEnum):
     QUEUED = "queued"
+    WAITING_FOR_APPROVAL = "waiting-for-approval"
     WAITING_FOR_SLOT = "waiting-for-slot"
     MINTING = "minting"
     SPAWNING = "spawning"
@@ -44,6 +48,21 @@ class JobPhase(StrEnum):
     TEARING_DOWN = "tearing-down"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class RunnerJobCarry(BaseModel):
+    """What one run of a job workflow hands to the next when it continues as new."""
+
+    job_status: JobStatus
+    served_by: str | None
+    runners_started: int
+    failed_attempts: int
+    clean_exits_unseen: int
+    last_error: str | None
+    first_started_at: datetime
+    deadline: datetime
+    slot_held_s: float
 
 
 class RunnerJobInput(BaseModel):
@@ -58,6 +77,15 @@ class RunnerJobInput(BaseModel):
     runner_name_prefix: str = "mayfly"
     # Empty means the workflow's own task queue (no separate throttle).
     github_task_queue: str = ""
+    # GitHub cancels a job that stayed queued for 24 h; past this the workflow gives up too.
+    job_deadline_s: float = Field(default=24 * 3600.0, gt=0)
+    # While waiting long (for approval, a slot or a job for its idle runner) the workflow asks
+    # GitHub this often whether its job still needs a runner: webhooks can be lost.
+    status_check_interval_s: float = Field(default=300.0, gt=0)
+    carry: RunnerJobCarry | None = None
+
+
+JobOutcome = Literal["served", "served-elsewhere", "cancelled-before-start"]
 
 
 class RunnerJobResult(BaseModel):
@@ -65,7 +93,7 @@ class RunnerJobResult(BaseModel):
     served_by: str | None
     runners_spawned: int
     registration_failures: int
-    outcome: Literal["served", "served-elsewhere", "cancelled-before-start"]
+    outcome: JobOutcome
     # From grant to the moment its last container was confirmed gone (the release follows).
     slot_held_s: float = 0.0
 
@@ -74,7 +102,7 @@ class RunnerJobState(BaseModel):
     job_id: int
     pool: str
     phase: JobPhase
-    job_status: Literal["queued", "in_progress", "completed"]
+    job_status: JobStatus
     served_by: str | None
     slot_held: bool
     current_runner: str | None
@@ -178,6 +206,20 @@ class MintedRunner(BaseModel):
 class RunnerRef(BaseModel):
     runner_name: str
     runner_id: int | None = None
+
+
+class JobRef(BaseModel):
+    repository: str
+    job_id: int
+
+
+class GitHubJobStatus(BaseModel):
+    """GitHub's own word on a job; `found` is False once GitHub no longer knows it."""
+
+    found: bool
+    status: str = ""
+    conclusion: str | None = None
+    runner_name: str | None = None
 
 
 class RunnerStatus(BaseModel):

@@ -36,6 +36,15 @@ class FaultConfig(BaseModel):
     webhook_duplicate_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     webhook_reorder_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     webhook_drop_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    webhook_drop_actions: list[str] = Field(default_factory=list)
+    """When set, `webhook_drop_rate` applies only to deliveries of these `workflow_job` actions
+    (e.g. only `in_progress` and `completed`); others always arrive."""
+
+    jit_error_status: int | None = Field(default=None, ge=400, le=599)
+    """generate-jitconfig answers this status without acting (e.g. 403: permission lost)."""
+
+    deregister_error_status: int | None = Field(default=None, ge=400, le=599)
+    """DELETE of a runner answers this status without acting (e.g. 401: token revoked)."""
 
     seed: int | None = None
 

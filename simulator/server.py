@@ -155,6 +155,9 @@ class QueueJobsRequest(BaseModel):
     duration_s: float = Field(default=1.0, ge=0.0)
     count: int = Field(default=1, ge=1, le=1000)
     name: str = "build"
+    # All `count` jobs in one run, as a matrix is.
+    matrix: bool = False
+    needs_approval: bool = False
 
 
 class QueueJobsResponse(BaseModel):
@@ -377,6 +380,7 @@ class GitHubSimulator:
         self._reaper: asyncio.Task[None] | None = None
         self._rate_reset = int(time.time()) + _RATE_WINDOW_S
         self._rate_used = 0
+        self._rate_exhausted_until = 0.0
         self.state = SimState(
             owner=owner,
             repo=repo,
@@ -468,8 +472,39 @@ class GitHubSimulator:
         self._rng = faults.api_rng()
         self._webhooks.set_faults(faults)
 
-    def queue_job(self, labels: list[str], duration_s: float = 1.0, *, name: str = "build") -> int:
-        return self.state.queue_job(labels, duration_s, name=name)
+    def queue_job(
+        self,
+        labels: list[str],
+        duration_s: float = 1.0,
+        *,
+        name: str = "build",
+        run_id: int | None = None,
+        needs_approval: bool = False,
+    ) -> int:
+        return self.state.queue_job(
+            labels, duration_s, name=name, run_id=run_id, needs_approval=needs_approval
+        )
+
+    def queue_run(
+        self, labels: list[str], count: int, duration_s: float = 1.0, *, needs_approval: bool = False
+    ) -> list[int]:
+        """A matrix: `count` jobs in one workflow run."""
+        run_id = self.state.new_run_id()
+        return [
+            self.queue_job(
+                labels, duration_s, name=f"build ({index})", run_id=run_id, needs_approval=needs_approval
+            )
+            for index in range(count)
+        ]
+
+    def approve_job(self, job_id: int) -> None:
+        """Approve a job held in `waiting`. Raises ``ApiError`` (404 unknown, 409 not waiting)."""
+        self.state.approve_job(job_id)
+
+    def exhaust_rate_limit(self, reset_in_s: float) -> None:
+        """Spend the primary rate limit: every API call answers 403 until the reset, `reset_in_s` away."""
+        self._rate_exhausted_until = time.time() + reset_in_s
+        self._rate_reset = int(self._rate_exhausted_until) + 1
 
     def cancel_job(self, job_id: int) -> None:
         """Cancel a job. Raises ``ApiError`` (404 unknown, 409 already completed)."""
@@ -588,14 +623,18 @@ class GitHubSimulator:
             await asyncio.sleep(interval)
             self.state.reap()
 
+    def _rate_exhausted(self) -> bool:
+        return time.time() < self._rate_exhausted_until
+
     def _rate_headers(self) -> dict[str, str]:
         now = int(time.time())
         if now >= self._rate_reset:
             self._rate_reset = now + _RATE_WINDOW_S
             self._rate_used = 0
+        remaining = 0 if self._rate_exhausted() else max(0, _RATE_LIMIT - self._rate_used)
         return {
             "x-ratelimit-limit": str(_RATE_LIMIT),
-            "x-ratelimit-remaining": str(max(0, _RATE_LIMIT - self._rate_used)),
+            "x-ratelimit-remaining": str(remaining),
             "x-ratelimit-used": str(self._rate_used),
             "x-ratelimit-reset": str(self._rate_reset),
             "x-ratelimit-resource": "core",
@@ -665,6 +704,12 @@ class GitHubSimulator:
             return _error(404, "Not Found")
         if counted:
             self._rate_used += 1
+        if counted and self._rate_exhausted():
+            return _error(
+                403,
+                "API rate limit exceeded for installation. Please wait for the rate limit to reset.",
+                "https://docs.github.com/rest/using-the-rest-api/rate-limits-for-the-rest-api",
+            )
         # Snapshot: one request sees one fault config even if a test swaps it mid-request.
         faults, rng = self._faults, self._rng
         if counted and rng.random() < faults.rate_limit_rate:
@@ -712,6 +757,8 @@ class GitHubSimulator:
         return _json(body, 201)
 
     async def _h_jit(self, request: Request) -> Response:
+        if self._faults.jit_error_status is not None:
+            raise ApiError(self._faults.jit_error_status, "Resource not accessible by integration")
         body = await _parse(request, JitConfigRequest)
         for key in ("name", "runner_group_id", "labels"):
             if getattr(body, key) is None:
@@ -745,6 +792,8 @@ class GitHubSimulator:
         return _json(self.state.runner_view(int(request.path_params["runner_id"])))
 
     async def _h_delete_runner(self, request: Request) -> Response:
+        if self._faults.deregister_error_status is not None:
+            raise ApiError(self._faults.deregister_error_status, "Bad credentials")
         self.state.delete_runner(int(request.path_params["runner_id"]))
         return Response(status_code=204)
 
@@ -767,23 +816,45 @@ class GitHubSimulator:
 
     def _runs(self) -> list[WorkflowRunView]:
         api_repo = f"{self.state.api_base_url}/repos/{self.owner}/{self.repo}"
-        runs: list[WorkflowRunView] = []
-        # One job per run: the simulator has no multi-job workflows.
+        by_run: dict[int, list[WorkflowJobView]] = {}
         for job in self.state.workflow_jobs():
+            by_run.setdefault(job.run_id, []).append(job)
+        runs: list[WorkflowRunView] = []
+        for run_id, jobs in by_run.items():
+            first = jobs[0]
+            statuses = {job.status for job in jobs}
+            # A run is queued (or waiting) until one of its jobs starts, and in progress until all are done.
+            status: JobStatus
+            if statuses == {"completed"}:
+                status = "completed"
+            elif statuses <= {"waiting"}:
+                status = "waiting"
+            elif statuses <= {"waiting", "queued"}:
+                status = "queued"
+            else:
+                status = "in_progress"
+            conclusions = {job.conclusion for job in jobs}
+            conclusion = None
+            if status == "completed":
+                conclusion = (
+                    "success"
+                    if conclusions == {"success"}
+                    else next(c for c in ("failure", "cancelled", "timed_out", "success") if c in conclusions)
+                )
             runs.append(
                 WorkflowRunView(
-                    id=job.run_id,
-                    name=job.workflow_name,
-                    run_attempt=job.run_attempt,
-                    status=job.status,
-                    conclusion=job.conclusion,
-                    head_branch=job.head_branch,
-                    head_sha=job.head_sha,
-                    created_at=job.created_at,
-                    updated_at=job.completed_at or job.started_at,
-                    url=job.run_url,
-                    html_url=f"https://github.com/{self.owner}/{self.repo}/actions/runs/{job.run_id}",
-                    jobs_url=f"{api_repo}/actions/runs/{job.run_id}/jobs",
+                    id=run_id,
+                    name=first.workflow_name,
+                    run_attempt=first.run_attempt,
+                    status=status,
+                    conclusion=conclusion,
+                    head_branch=first.head_branch,
+                    head_sha=first.head_sha,
+                    created_at=first.created_at,
+                    updated_at=max((job.completed_at or job.started_at) for job in jobs),
+                    url=first.run_url,
+                    html_url=f"https://github.com/{self.owner}/{self.repo}/actions/runs/{run_id}",
+                    jobs_url=f"{api_repo}/actions/runs/{run_id}/jobs",
                 )
             )
         return runs
@@ -799,7 +870,13 @@ class GitHubSimulator:
         jobs = [j for j in self.state.workflow_jobs() if j.run_id == run_id]
         if not jobs:
             raise ApiError(404, "Not Found")
-        return _json(WorkflowJobList(total_count=len(jobs), jobs=jobs))
+        page, headers = _paginate(request, jobs)
+        return _json(WorkflowJobList(total_count=len(jobs), jobs=page), headers=headers)
+
+    async def _h_org_repos(self, request: Request) -> Response:
+        # The simulated organization owns exactly one repository.
+        page, headers = _paginate(request, [self.state.repository_view()])
+        return JSONResponse([repo.model_dump(mode="json") for repo in page], headers=headers)
 
     async def _h_rate_limit(self, request: Request) -> Response:
         headers = self._rate_headers()
@@ -827,8 +904,21 @@ class GitHubSimulator:
 
     async def _a_queue_jobs(self, request: Request) -> Response:
         body = await _parse(request, QueueJobsRequest)
-        ids = [self.queue_job(body.labels, body.duration_s, name=body.name) for _ in range(body.count)]
+        if body.matrix:
+            ids = self.queue_run(body.labels, body.count, body.duration_s, needs_approval=body.needs_approval)
+        else:
+            ids = [
+                self.queue_job(
+                    body.labels, body.duration_s, name=body.name, needs_approval=body.needs_approval
+                )
+                for _ in range(body.count)
+            ]
         return _json(QueueJobsResponse(job_ids=ids), 201)
+
+    async def _a_approve_job(self, request: Request) -> Response:
+        job_id = int(request.path_params["job_id"])
+        self.approve_job(job_id)
+        return _json(self.job(job_id))
 
     async def _a_jobs(self, request: Request) -> Response:
         return JSONResponse([j.model_dump(mode="json") for j in self.jobs()])
@@ -949,6 +1039,7 @@ class GitHubSimulator:
         repo = "/repos/{owner}/{repo}/actions"
         routes += [
             self._github_route("GET", "/orgs/{org}/actions/runner-groups", self._h_runner_groups),
+            self._github_route("GET", "/orgs/{org}/repos", self._h_org_repos),
             self._github_route("GET", f"{repo}/jobs/{{job_id}}", self._h_get_job),
             self._github_route("GET", f"{repo}/runs", self._h_list_runs),
             self._github_route("GET", f"{repo}/runs/{{run_id}}/jobs", self._h_run_jobs),
@@ -957,6 +1048,7 @@ class GitHubSimulator:
             Route("/_sim/jobs", self._a_queue_jobs, methods=["POST"]),
             Route("/_sim/jobs", self._a_jobs, methods=["GET"]),
             Route("/_sim/jobs/{job_id:int}/cancel", self._a_cancel_job, methods=["POST"]),
+            Route("/_sim/jobs/{job_id:int}/approve", self._a_approve_job, methods=["POST"]),
             Route("/_sim/runners", self._a_runners, methods=["GET"]),
             Route("/_sim/faults", self._a_set_faults, methods=["POST"]),
             Route("/_sim/faults", self._a_get_faults, methods=["GET"]),

@@ -32,7 +32,8 @@ DEFAULT_GROUP_NAME = "Default"
 # GitHub marks the labels it derives itself as read-only; everything a caller adds is custom.
 _READ_ONLY_LABELS = frozenset({"self-hosted", "linux", "windows", "macos", "x64", "arm", "arm64"})
 
-JobStatus = Literal["queued", "in_progress", "completed"]
+# "waiting": held by an environment protection rule until a reviewer approves it; no runner may take it.
+JobStatus = Literal["waiting", "queued", "in_progress", "completed"]
 Conclusion = Literal["success", "failure", "cancelled", "skipped", "timed_out", "neutral", "action_required"]
 RunnerStatus = Literal["online", "offline"]
 
@@ -138,7 +139,7 @@ class RepositoryView(BaseModel):
 
 
 class WorkflowJobEvent(BaseModel):
-    action: Literal["queued", "in_progress", "completed"]
+    action: JobStatus
     workflow_job: WorkflowJobView
     repository: RepositoryView
     sender: OwnerView
@@ -340,22 +341,58 @@ class SimState:
     # ----------------------------------------------------------------- jobs
 
     def queue_job(
-        self, labels: list[str], duration_s: float, *, name: str = "build", workflow_name: str = "CI"
+        self,
+        labels: list[str],
+        duration_s: float,
+        *,
+        name: str = "build",
+        workflow_name: str = "CI",
+        run_id: int | None = None,
+        needs_approval: bool = False,
     ) -> int:
+        """Queue one job; `run_id` puts it in an existing run (a matrix), `needs_approval` holds it
+        in `waiting` until `approve_job`."""
         now = _now()
+        if run_id is None:
+            run_id = self._next_run_id
+            self._next_run_id += 1
         job = _Job(
             id=self._next_job_id,
-            run_id=self._next_run_id,
+            run_id=run_id,
             name=name,
             workflow_name=workflow_name,
             labels=list(labels),
             duration_s=duration_s,
             created_at=now,
             head_sha=secrets.token_hex(20),
+            status="waiting" if needs_approval else "queued",
         )
         self._next_job_id += 1
-        self._next_run_id += 1
         self._jobs[job.id] = job
+        if needs_approval:
+            self._emit("waiting", job)
+        else:
+            self._enqueue(job)
+        self._on_change()
+        return job.id
+
+    def new_run_id(self) -> int:
+        run_id = self._next_run_id
+        self._next_run_id += 1
+        return run_id
+
+    def approve_job(self, job_id: int) -> None:
+        """A reviewer approves the deployment: the job becomes queued and may take a runner."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, "Not Found")
+        if job.status != "waiting":
+            raise ApiError(409, f"Job {job_id} is not waiting for approval.")
+        job.status = "queued"
+        self._enqueue(job)
+        self._on_change()
+
+    def _enqueue(self, job: _Job) -> None:
         self._emit("queued", job)
         idle = [
             r
@@ -364,8 +401,6 @@ class SimState:
         ]
         if idle:
             self._assign(min(idle, key=lambda r: r.connected_seq), job)
-        self._on_change()
-        return job.id
 
     def cancel_job(self, job_id: int) -> None:
         job = self._jobs.get(job_id)
@@ -454,7 +489,7 @@ class SimState:
         self._deleted_runner_ids.add(runner.id)
         self._on_change()
 
-    def _emit(self, action: Literal["queued", "in_progress", "completed"], job: _Job) -> None:
+    def _emit(self, action: JobStatus, job: _Job) -> None:
         self._on_job_event(
             WorkflowJobEvent(
                 action=action,

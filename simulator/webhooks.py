@@ -140,7 +140,9 @@ class WebhookSender:
 
     async def _deliver(self, item: _Outgoing) -> None:
         record = item.record
-        if not item.manual and self._rng.random() < self._faults.webhook_drop_rate:
+        only = self._faults.webhook_drop_actions
+        droppable = not only or record.action in only
+        if not item.manual and droppable and self._rng.random() < self._faults.webhook_drop_rate:
             record.dropped = True
             record.state = "dropped"
             record.error = "dropped by fault injection"

@@ -4,21 +4,27 @@ Runners are not bound to jobs: GitHub gives a queued job to any idle runner with
 labels. So this workflow's goal is "my job gets a runner, and every runner I start is
 eventually deregistered and terminated". It keeps starting runners while its job is still
 queued, and reaps its runner once that runner is surplus.
+
+Webhooks are hints: they get lost, duplicated and reordered. Whenever the workflow would act
+on a belief that a lost webhook could have made stale (starting another runner, reaping an
+idle one, waiting long), it asks GitHub first.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from activities.containers import ContainerActivities
+    from activities.errors import THROTTLED
     from activities.github import GitHubActivities
     from mayfly import metrics, search_attributes
     from mayfly.models import (
@@ -26,10 +32,15 @@ with workflow.unsafe.imports_passed_through():
         ContainerRef,
         ContainerSpec,
         DeregisterOutcome,
+        GitHubJobStatus,
         JobEvent,
+        JobOutcome,
         JobPhase,
+        JobRef,
+        JobStatus,
         MintedRunner,
         MintRequest,
+        RunnerJobCarry,
         RunnerJobInput,
         RunnerJobResult,
         RunnerJobState,
@@ -40,6 +51,8 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows.slot_lease import SlotLease
 
+T = TypeVar("T")
+
 # GitHub calls: short per-call timeouts, backoff capped so a 502 burst costs seconds, not minutes.
 GITHUB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 # Cleanup must eventually succeed: a slot is only released once its container is gone.
@@ -49,9 +62,9 @@ PERMANENT_ERROR_TYPES = frozenset(
     {"GitHubHTTP401", "GitHubHTTP403", "GitHubHTTP404", "GitHubHTTP422", "UnknownPool"}
 )
 FINISHED_EXIT_GRACE = timedelta(seconds=60)
-SKIP_DEREGISTER_AFTER_JOB = "skip-deregister-after-job"
-CLEAN_EXIT_IS_NOT_A_FAILURE = "clean-exit-is-not-a-registration-failure"
-_JOB_ORDER = {"queued": 0, "waiting": 0, "in_progress": 1, "completed": 2}
+_JOB_ORDER: dict[str, int] = {"unknown": -1, "waiting": 0, "queued": 1, "in_progress": 2, "completed": 3}
+# GitHub's states before a job is queued; none of them can take a runner yet.
+_NOT_YET_QUEUED = frozenset({"waiting", "pending", "requested"})
 
 
 @dataclass
@@ -61,6 +74,7 @@ class _RunnerTrack:
     assigned_job: int | None = None
     finished: bool = False
     finished_at: datetime | None = None
+    reaped_idle: bool = False
 
 
 def _permanent(error: ActivityError) -> bool:
@@ -68,22 +82,48 @@ def _permanent(error: ActivityError) -> bool:
     return isinstance(cause, ApplicationError) and cause.non_retryable and cause.type in PERMANENT_ERROR_TYPES
 
 
+def _throttled_for(error: ActivityError) -> timedelta | None:
+    cause = error.cause
+    if isinstance(cause, ApplicationError) and cause.type == THROTTLED and cause.details:
+        return timedelta(seconds=float(cause.details[0]))
+    return None
+
+
+def _as_status(github_status: str) -> JobStatus:
+    if github_status in _NOT_YET_QUEUED:
+        return "waiting"
+    if github_status in ("queued", "in_progress", "completed"):
+        return github_status  # type: ignore[return-value]
+    return "unknown"
+
+
+class _ContinueAsNew(Exception):
+    """Raised where the history is long enough, caught where no slot or runner is held."""
+
+
 @workflow.defn(name="RunnerJob")
 class RunnerJobWorkflow:
     @workflow.init
     def __init__(self, params: RunnerJobInput) -> None:
         self._params = params
-        self._job_status: Literal["queued", "in_progress", "completed"] = "queued"
-        self._served_by: str | None = None
+        carry = params.carry
+        self._job_status: JobStatus = carry.job_status if carry else "unknown"
+        self._served_by: str | None = carry.served_by if carry else None
+        self._runners_started = carry.runners_started if carry else 0
+        self._failed_attempts = carry.failed_attempts if carry else 0
+        self._clean_exits_unseen = carry.clean_exits_unseen if carry else 0
+        self._last_error: str | None = carry.last_error if carry else None
+        self._first_started_at = carry.first_started_at if carry else workflow.info().start_time
+        self._deadline = (
+            carry.deadline if carry else self._first_started_at + timedelta(seconds=params.job_deadline_s)
+        )
+        self._slot_held_before_s = carry.slot_held_s if carry else 0.0
         self._lease = SlotLease(params.job.pool, params.capacity, params.semaphore_reap_interval_s)
         self._phase = JobPhase.QUEUED
+        self._phase_details = ""
         self._runner: _RunnerTrack | None = None
-        self._spawned = 0
-        self._failures = 0
-        self._last_error: str | None = None
         self._events_seen = 0
         self._runner_attribute: str | None = None
-        self._clean_exits_unseen = 0
         self._instruments: metrics.JobMetrics | None = None
 
     # --- messages -------------------------------------------------------------------------
@@ -92,11 +132,7 @@ class RunnerJobWorkflow:
     def job_event(self, event: JobEvent) -> None:
         self._events_seen += 1
         if event.job_id == self._params.job.job_id:
-            current = "queued" if self._job_status == "queued" else self._job_status
-            if _JOB_ORDER[event.action] > _JOB_ORDER[current]:
-                self._job_status = "completed" if event.action == "completed" else "in_progress"
-            if event.runner_name and event.action in ("in_progress", "completed"):
-                self._served_by = event.runner_name
+            self._learn(event.action, event.runner_name)
         track = self._runner
         if track is not None and event.runner_name == track.name:
             track.online = True
@@ -120,28 +156,70 @@ class RunnerJobWorkflow:
             served_by=self._served_by,
             slot_held=self._lease.granted,
             current_runner=self._runner.name if self._runner else None,
-            runners_spawned=self._spawned,
-            registration_failures=self._failures,
+            runners_spawned=self._runners_started,
+            registration_failures=self._failed_attempts,
             last_error=self._last_error,
         )
 
-    # --- main -----------------------------------------------------------------------------
+    # --- what the workflow knows ----------------------------------------------------------
+
+    def _learn(self, status: str, runner_name: str | None) -> None:
+        """Statuses only move forward, so a late or reordered report never undoes a newer one."""
+        learned = _as_status(status)
+        if _JOB_ORDER[learned] > _JOB_ORDER[self._job_status]:
+            self._job_status = learned
+        if runner_name and status in ("in_progress", "completed"):
+            self._served_by = runner_name
+
+    def _job_needs_runner(self) -> bool:
+        return self._job_status == "queued"
+
+    def _job_closed(self) -> bool:
+        return self._job_status in ("in_progress", "completed")
+
+    async def _ask_github(self, why: str) -> None:
+        """Refresh the job's status from GitHub. A failed check leaves the belief as it was:
+        the next check, a webhook or the deadline settles it."""
+        job = self._params.job
+        if not job.repository:
+            return
+        try:
+            status: GitHubJobStatus = await self._github_call(
+                lambda: workflow.execute_activity_method(
+                    GitHubActivities.job_status,
+                    JobRef(repository=job.repository, job_id=job.job_id),
+                    start_to_close_timeout=timedelta(seconds=30),
+                    schedule_to_close_timeout=timedelta(minutes=2),
+                    retry_policy=GITHUB_RETRY,
+                    summary=f"ask GitHub about job {job.job_id} ({why})",
+                    task_queue=self._github_queue(),
+                )
+            )
+        except ActivityError as error:
+            if is_cancelled_exception(error):
+                raise
+            self._last_error = f"asking GitHub about job {job.job_id} failed: {error.cause or error}"
+            return
+        if not status.found:
+            # Deleted with its run: nothing left to serve.
+            self._learn("completed", None)
+            return
+        self._learn(status.status, status.runner_name)
+
+    # --- plumbing -------------------------------------------------------------------------
 
     def _metrics(self) -> metrics.JobMetrics:
         if self._instruments is None:
             self._instruments = metrics.JobMetrics(workflow.metric_meter(), self._params.job.pool)
         return self._instruments
 
-    def _registration_failed(self, cause: str, message: str) -> None:
-        self._failures += 1
+    def _attempt_failed(self, cause: str, message: str) -> None:
+        self._failed_attempts += 1
         self._last_error = message
         self._metrics().registration_failures.add(1, {"cause": cause})
 
     def _github_queue(self) -> str | None:
         return self._params.github_task_queue or None
-
-    def _job_needs_runner(self) -> bool:
-        return self._job_status == "queued"
 
     def _set_phase(self, phase: JobPhase, details: str) -> None:
         updates = []
@@ -156,64 +234,201 @@ class RunnerJobWorkflow:
         if phase is not self._phase:
             self._metrics().phases.add(1, {"phase": phase.value})
         self._phase = phase
+        self._phase_details = details
         workflow.set_current_details(f"**{phase.value}**: {details}")
 
-    def _result(
-        self, outcome: Literal["served", "served-elsewhere", "cancelled-before-start"]
-    ) -> RunnerJobResult:
+    def _slot_held_s(self) -> float:
+        return self._slot_held_before_s + self._lease.held_s()
+
+    def _result(self, outcome: JobOutcome) -> RunnerJobResult:
         return RunnerJobResult(
             job_id=self._params.job.job_id,
             served_by=self._served_by,
-            runners_spawned=self._spawned,
-            registration_failures=self._failures,
+            runners_spawned=self._runners_started,
+            registration_failures=self._failed_attempts,
             outcome=outcome,
-            slot_held_s=self._lease.held_s(),
+            slot_held_s=self._slot_held_s(),
         )
+
+    def _remaining(self) -> timedelta:
+        return self._deadline - workflow.now()
+
+    def _check_deadline(self, doing: str) -> None:
+        if self._remaining() > timedelta(0):
+            return
+        job = self._params.job
+        raise ApplicationError(
+            f"job {job.job_id} was still {self._job_status} on GitHub {self._params.job_deadline_s:.0f}s "
+            f"after its workflow started ({doing}); giving up. Last error: {self._last_error or 'none'}",
+            type="JobDeadlineExceeded",
+            non_retryable=True,
+        )
+
+    def _continue_as_new_due(self) -> bool:
+        return workflow.info().is_continue_as_new_suggested()
+
+    async def _github_call(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run a GitHub activity; when GitHub asks for a long pause (a rate-limit reset minutes
+        away), wait on a durable timer and try again: throttling is not a failure."""
+        while True:
+            try:
+                return await call()
+            except ActivityError as error:
+                wait = _throttled_for(error)
+                if wait is None:
+                    raise
+            if workflow.now() + wait >= self._deadline:
+                self._check_deadline("GitHub's rate limit resets after the deadline")
+            resume = workflow.now() + wait
+            workflow.set_current_details(
+                f"**{self._phase.value}**: {self._phase_details} (GitHub rate limit: next call at "
+                f"{resume:%H:%M:%S} UTC)"
+            )
+            await workflow.sleep(wait, summary="GitHub rate limit reset")
+            workflow.set_current_details(f"**{self._phase.value}**: {self._phase_details}")
+
+    async def _uncancellable(self, work: Awaitable[T]) -> T:
+        """Run cleanup to its end even if the workflow is cancelled meanwhile; re-raise the cancel after."""
+        task = asyncio.ensure_future(work)
+        cancelled = False
+        while True:
+            try:
+                result = await asyncio.shield(task)
+                break
+            except asyncio.CancelledError:
+                if task.done():
+                    raise
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError("workflow cancelled during cleanup")
+        return result
+
+    # --- main -----------------------------------------------------------------------------
 
     @workflow.run
     async def run(self, params: RunnerJobInput) -> RunnerJobResult:
-        job = params.job
-        if not self._job_needs_runner():
-            self._set_phase(JobPhase.DONE, "the job was already taken or finished when this workflow started")
-            return self._result("served-elsewhere")
+        try:
+            return self._result(await self._serve())
+        except _ContinueAsNew:
+            workflow.continue_as_new(self._carry_over())
+        except BaseException as error:
+            if is_cancelled_exception(error):
+                self._set_phase(JobPhase.CANCELLED, "cancelled on request; every runner it started is gone")
+                # An activity's cancellation surfaces as an ActivityError; the workflow itself
+                # must end as Cancelled, not Failed.
+                raise asyncio.CancelledError("RunnerJob cancelled") from None
+            # Eviction is not a failure of the job; anything else is, and the UI should say so.
+            if isinstance(error, (ApplicationError, ActivityError)):
+                self._set_phase(JobPhase.FAILED, f"{type(error).__name__}: {error}")
+            raise
+
+    def _carry_over(self) -> RunnerJobInput:
+        carry = RunnerJobCarry(
+            job_status=self._job_status,
+            served_by=self._served_by,
+            runners_started=self._runners_started,
+            failed_attempts=self._failed_attempts,
+            clean_exits_unseen=self._clean_exits_unseen,
+            last_error=self._last_error,
+            first_started_at=self._first_started_at,
+            deadline=self._deadline,
+            slot_held_s=self._slot_held_s(),
+        )
+        return self._params.model_copy(update={"carry": carry})
+
+    async def _serve(self) -> JobOutcome:
+        if self._job_status == "unknown":
+            await self._ask_github("started without a webhook")
+        while True:
+            if self._job_status == "waiting":
+                await self._wait_for_approval()
+                continue
+            if self._job_status != "queued":
+                break
+            await self._serve_with_slot()
+            if self._continue_as_new_due() and self._job_needs_runner():
+                raise _ContinueAsNew
+        if self._runners_started == 0 and self._served_by is None:
+            self._set_phase(JobPhase.DONE, f"the job was already {self._job_status} without a runner of ours")
+            return "cancelled-before-start" if self._job_status == "completed" else "served-elsewhere"
+        self._set_phase(JobPhase.DONE, f"served by `{self._served_by or 'a runner GitHub did not name'}`")
+        return "served" if self._runners_started else "served-elsewhere"
+
+    async def _wait_for_approval(self) -> None:
+        """A job held by an environment protection rule can take no runner: hold nothing until
+        it is approved, asking GitHub now and then in case the `queued` webhook is lost."""
+        interval = timedelta(seconds=self._params.status_check_interval_s)
+        self._set_phase(
+            JobPhase.WAITING_FOR_APPROVAL, "the job waits for a deployment approval; no slot held"
+        )
+        while self._job_status == "waiting":
+            self._check_deadline("waiting for approval")
+            if self._continue_as_new_due():
+                raise _ContinueAsNew
+            try:
+                await workflow.wait_condition(
+                    lambda: self._job_status != "waiting",
+                    timeout=min(interval, self._remaining()),
+                    timeout_summary="ask GitHub whether the job was approved",
+                )
+            except TimeoutError:
+                await self._ask_github("still waiting for approval?")
+
+    async def _serve_with_slot(self) -> None:
+        """Hold a slot while starting runners for the queued job, until it needs none."""
+        job = self._params.job
+        interval = timedelta(seconds=self._params.status_check_interval_s)
         try:
             self._set_phase(JobPhase.WAITING_FOR_SLOT, f"a slot in pool `{job.pool}`")
-            if not await self._lease.acquire(give_up=lambda: not self._job_needs_runner()):
-                self._set_phase(JobPhase.DONE, "another runner took the job before a slot was free")
-                return self._result("served-elsewhere" if self._served_by else "cancelled-before-start")
+            self._check_deadline("waiting for a slot")
+            while not await self._lease.acquire(
+                give_up=lambda: not self._job_needs_runner(), wait_at_most=min(interval, self._remaining())
+            ):
+                if not self._job_needs_runner():
+                    return
+                self._check_deadline("waiting for a slot")
+                await self._ask_github("still queued while waiting for a slot?")
+                if self._continue_as_new_due() and self._job_needs_runner():
+                    return
             while self._job_needs_runner():
-                if self._failures >= params.max_registration_attempts:
+                if self._runners_started > 0:
+                    # A runner of ours ran, and the webhooks may not have told us which job it
+                    # took: another runner for a job that was served would only idle.
+                    await self._ask_github("before starting another runner")
+                    if not self._job_needs_runner():
+                        break
+                self._check_deadline("starting runners")
+                if self._failed_attempts >= self._params.max_registration_attempts:
                     raise ApplicationError(
-                        f"no runner registered for job {job.job_id} after {self._failures} attempts; "
+                        f"no runner registered for job {job.job_id} after {self._failed_attempts} attempts; "
                         f"last error: {self._last_error}",
                         type="RegistrationFailed",
                         non_retryable=True,
                     )
                 await self._run_one_runner()
-            self._set_phase(JobPhase.DONE, f"served by `{self._served_by}`")
-            return self._result("served")
-        except BaseException as error:
-            # Eviction is not a failure of the job; anything else is, and the UI should say so.
-            if isinstance(error, (ApplicationError, ActivityError, asyncio.CancelledError)):
-                self._set_phase(JobPhase.FAILED, f"{type(error).__name__}: {error}")
-            raise
+                if self._continue_as_new_due():
+                    return
         finally:
-            await self._lease.release()
+            # The slot goes back only here, after every container of ours is confirmed gone.
+            await self._uncancellable(self._lease.release())
 
     async def _run_one_runner(self) -> None:
         params = self._params
         job = params.job
-        self._spawned += 1
-        track = _RunnerTrack(name=runner_name_for(params.runner_name_prefix, job.job_id, self._spawned))
+        self._runners_started += 1
+        track = _RunnerTrack(
+            name=runner_name_for(params.runner_name_prefix, job.job_id, self._runners_started)
+        )
         self._runner = track
         minted: MintedRunner | None = None
         container: ContainerRef | None = None
+        spawn_tried = False
         exit_task: asyncio.Task[ContainerExit] | None = None
         spawned_at = workflow.now()
         try:
-            try:
-                self._set_phase(JobPhase.MINTING, f"a JIT config for `{track.name}`")
-                minted = await workflow.execute_activity_method(
+            self._set_phase(JobPhase.MINTING, f"a JIT config for `{track.name}`")
+            minted = await self._github_call(
+                lambda: workflow.execute_activity_method(
                     GitHubActivities.mint_runner,
                     MintRequest(pool=job.pool, runner_name=track.name, labels=params.pool_labels),
                     start_to_close_timeout=timedelta(seconds=30),
@@ -222,34 +437,28 @@ class RunnerJobWorkflow:
                     summary=f"mint {track.name}",
                     task_queue=self._github_queue(),
                 )
-                self._set_phase(JobPhase.SPAWNING, f"container `{track.name}`")
-                container = await workflow.execute_activity_method(
-                    ContainerActivities.spawn,
-                    ContainerSpec(
-                        pool=job.pool,
-                        name=track.name,
-                        job_id=job.job_id,
-                        owner_workflow_id=workflow.info().workflow_id,
-                        runner_name=track.name,
-                        jit_config=minted.jit_config,
-                        max_lifetime_s=params.max_lifetime_s,
-                    ),
-                    start_to_close_timeout=timedelta(minutes=25),
-                    schedule_to_close_timeout=timedelta(minutes=30),
-                    heartbeat_timeout=timedelta(minutes=2),
-                    retry_policy=GITHUB_RETRY,
-                    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                    summary=f"spawn {track.name}",
-                )
-            except ActivityError as error:
-                if _permanent(error):
-                    raise
-                cause = "mint" if minted is None else "spawn"
-                self._registration_failed(cause, f"{track.name}: {error.cause or error}")
-                return
-            self._metrics().webhook_to_spawn.record(
-                (workflow.now() - workflow.info().start_time).total_seconds()
             )
+            self._set_phase(JobPhase.SPAWNING, f"container `{track.name}`")
+            spawn_tried = True
+            container = await workflow.execute_activity_method(
+                ContainerActivities.spawn,
+                ContainerSpec(
+                    pool=job.pool,
+                    name=track.name,
+                    job_id=job.job_id,
+                    owner_workflow_id=workflow.info().workflow_id,
+                    runner_name=track.name,
+                    jit_config=minted.jit_config,
+                    max_lifetime_s=params.max_lifetime_s,
+                ),
+                start_to_close_timeout=timedelta(minutes=25),
+                schedule_to_close_timeout=timedelta(minutes=30),
+                heartbeat_timeout=timedelta(minutes=2),
+                retry_policy=GITHUB_RETRY,
+                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                summary=f"spawn {track.name}",
+            )
+            self._metrics().webhook_to_spawn.record((workflow.now() - self._first_started_at).total_seconds())
             exit_task = workflow.start_activity_method(
                 ContainerActivities.wait_exit,
                 container,
@@ -260,27 +469,42 @@ class RunnerJobWorkflow:
             )
             self._set_phase(JobPhase.REGISTERING, f"`{track.name}` to come online")
             if not await self._confirm_registration(track, minted, exit_task):
-                if _exit_code(exit_task) == 0 and workflow.patched(CLEAN_EXIT_IS_NOT_A_FAILURE):
-                    # The listener exits 0 only after a job (or once its registration is gone): it
-                    # ran some job before its webhooks arrived. Not a failed registration.
-                    self._clean_exits_unseen += 1
-                    if self._clean_exits_unseen > params.max_registration_attempts * 3:
-                        raise ApplicationError(
-                            f"{self._clean_exits_unseen} runners for job {job.job_id} exited cleanly without "
-                            "ever being seen online; are webhooks reaching the starter?",
-                            type="RunnersVanish",
-                            non_retryable=True,
-                        )
-                    return
-                cause = "exited" if exit_task.done() else "timeout"
-                self._registration_failed(
-                    cause, f"{track.name} did not come online within {params.registration_timeout_s:.0f}s"
-                )
+                self._registration_not_seen(track, exit_task)
                 return
             self._set_phase(JobPhase.RUNNING, f"`{track.name}` is online")
             await self._wait_until_runner_done(track, exit_task, spawned_at)
+        except ActivityError as error:
+            if is_cancelled_exception(error) or _permanent(error):
+                raise
+            cause = "mint" if minted is None else "spawn"
+            self._attempt_failed(cause, f"{track.name}: {error.cause or error}")
         finally:
-            await self._teardown(track, minted, container, exit_task, spawned_at)
+            await self._uncancellable(
+                self._teardown(track, minted, container if container else spawn_tried, exit_task, spawned_at)
+            )
+        if track.reaped_idle and track.assigned_job is None:
+            # An idle runner reaped while the job was still queued counts against the budget:
+            # otherwise a job no runner can take would mint a new one every idle TTL, forever.
+            self._attempt_failed("idle", f"{track.name} stayed idle for {params.idle_ttl_s:.0f}s")
+
+    def _registration_not_seen(self, track: _RunnerTrack, exit_task: asyncio.Task[ContainerExit]) -> None:
+        params = self._params
+        if _exit_code(exit_task) == 0:
+            # The listener exits 0 only after a job (or once its registration is gone): it ran
+            # some job before its webhooks arrived. Not a failed registration.
+            self._clean_exits_unseen += 1
+            if self._clean_exits_unseen > params.max_registration_attempts * 3:
+                raise ApplicationError(
+                    f"{self._clean_exits_unseen} runners for job {params.job.job_id} exited cleanly without "
+                    "ever being seen online; are webhooks reaching the starter?",
+                    type="RunnersVanish",
+                    non_retryable=True,
+                )
+            return
+        cause = "exited" if exit_task.done() else "timeout"
+        self._attempt_failed(
+            cause, f"{track.name} did not come online within {params.registration_timeout_s:.0f}s"
+        )
 
     async def _confirm_registration(
         self, track: _RunnerTrack, minted: MintedRunner, exit_task: asyncio.Task[ContainerExit]
@@ -306,10 +530,11 @@ class RunnerJobWorkflow:
             )
         except TimeoutError:
             pass
-        if poll.done() and not poll.cancelled() and poll.exception() is None:
-            status = poll.result()
-            track.online = track.online or status.online or status.busy
-        await _cancel_quietly(poll)
+        finally:
+            if poll.done() and not poll.cancelled() and poll.exception() is None:
+                status = poll.result()
+                track.online = track.online or status.online or status.busy
+            await _cancel_quietly(poll)
         return track.online
 
     async def _wait_until_runner_done(
@@ -318,26 +543,47 @@ class RunnerJobWorkflow:
         params = self._params
         registered_at = workflow.now()
         lifetime_end = spawned_at + timedelta(seconds=params.max_lifetime_s)
+        idle_end = registered_at + timedelta(seconds=params.idle_ttl_s)
+        check_every = timedelta(seconds=params.status_check_interval_s)
+        next_check = registered_at + check_every
 
         def surplus() -> bool:
             # Our job went to another runner (or was cancelled) and ours has no job of its own.
             return track.assigned_job is None and not self._job_needs_runner()
 
         while not exit_task.done() and not surplus():
+            now = workflow.now()
+            if now >= lifetime_end:
+                self._last_error = f"{track.name} reaped at its max lifetime"
+                return
+            idle = track.assigned_job is None
+            if idle and now >= idle_end:
+                # A lost webhook can hide that our job was served elsewhere; GitHub knows.
+                await self._ask_github(f"{track.name} idle for {params.idle_ttl_s:.0f}s")
+                if surplus() or track.assigned_job is not None:
+                    continue
+                track.reaped_idle = True
+                self._last_error = (
+                    f"{track.name} reaped: idle for {params.idle_ttl_s:.0f}s while the job stayed queued"
+                )
+                return
+            if idle and now >= next_check:
+                await self._ask_github(f"{track.name} idle, is the job still queued?")
+                next_check = workflow.now() + check_every
+                continue
             deadline = lifetime_end
-            if track.assigned_job is None:
-                deadline = min(deadline, registered_at + timedelta(seconds=params.idle_ttl_s))
+            if idle:
+                deadline = min(deadline, idle_end, next_check)
             if track.finished_at is not None:
                 deadline = min(deadline, track.finished_at + FINISHED_EXIT_GRACE)
-            remaining = deadline - workflow.now()
-            if remaining <= timedelta(0):
-                self._last_error = f"{track.name} reaped: idle or lifetime limit reached"
-                return
+                if now >= track.finished_at + FINISHED_EXIT_GRACE:
+                    self._last_error = f"{track.name} did not exit after its job; reaped"
+                    return
             seen = self._events_seen
             try:
                 await workflow.wait_condition(
                     lambda seen=seen: exit_task.done() or surplus() or self._events_seen != seen,  # type: ignore[misc]
-                    timeout=remaining,
+                    timeout=deadline - now,
                     timeout_summary="runner idle/lifetime limit",
                 )
             except TimeoutError:
@@ -347,10 +593,14 @@ class RunnerJobWorkflow:
         self,
         track: _RunnerTrack,
         minted: MintedRunner | None,
-        container: ContainerRef | None,
+        container: ContainerRef | bool,
         exit_task: asyncio.Task[ContainerExit] | None,
         spawned_at: datetime,
     ) -> None:
+        """Deregister, then terminate, whatever happened before; runs to its end even when cancelled.
+
+        `container` is the spawned container's reference, or True when a spawn was tried and
+        failed: it may have created the container before failing, so it is terminated by name."""
         self._set_phase(JobPhase.TEARING_DOWN, f"`{track.name}`")
         lifetime_end = spawned_at + timedelta(seconds=self._params.max_lifetime_s)
         # An ephemeral runner that took a job and then exited, or whose listener exited cleanly
@@ -362,12 +612,22 @@ class RunnerJobWorkflow:
             and _exited(exit_task)
             and (track.assigned_job is not None or _exit_code(exit_task) == 0)
         )
-        already_gone = track.finished or (ran_and_exited and workflow.patched(SKIP_DEREGISTER_AFTER_JOB))
         # Deregister first: GitHub refuses to delete a busy runner, and deleting an idle one
-        # guarantees it takes no job while its container is being stopped.
-        if minted is not None and not already_gone:
+        # guarantees it takes no job while its container is being stopped. A mint that failed or
+        # was cancelled may still have registered the runner, so it is looked up by name then.
+        if not (track.finished or ran_and_exited):
+            ref = RunnerRef(runner_name=track.name, runner_id=minted.runner_id if minted else None)
             while True:
-                outcome = await self._deregister(track, minted)
+                try:
+                    outcome = await self._deregister(ref)
+                except ActivityError as error:
+                    # The container is terminated whatever GitHub answers; a registration left
+                    # behind goes offline with it and the sweeper deletes it.
+                    self._last_error = (
+                        f"deregistering {track.name} failed, terminating anyway: {error.cause or error}"
+                    )
+                    workflow.logger.warning(self._last_error)
+                    break
                 if outcome is not DeregisterOutcome.BUSY:
                     break
                 # It took a job after all; let that job finish, within the runner's lifetime.
@@ -376,6 +636,7 @@ class RunnerJobWorkflow:
                 remaining = lifetime_end - workflow.now()
                 if exit_task is None or exit_task.done() or remaining <= timedelta(0):
                     break
+                self._set_phase(JobPhase.TEARING_DOWN, f"`{track.name}` finishes the job it took")
                 try:
                     await workflow.wait_condition(
                         exit_task.done, timeout=remaining, timeout_summary="busy runner to finish"
@@ -384,23 +645,30 @@ class RunnerJobWorkflow:
                     pass
         if exit_task is not None:
             await _cancel_quietly(exit_task)
-        if container is not None:
+        if container:
+            ref_to_stop = (
+                container
+                if isinstance(container, ContainerRef)
+                else ContainerRef(pool=self._params.job.pool, name=track.name, backend_id="")
+            )
             await workflow.execute_activity_method(
                 ContainerActivities.terminate,
-                container,
+                ref_to_stop,
                 start_to_close_timeout=timedelta(minutes=2),
                 retry_policy=CLEANUP_RETRY,
                 summary=f"terminate {track.name}",
             )
 
-    async def _deregister(self, track: _RunnerTrack, minted: MintedRunner) -> DeregisterOutcome:
-        return await workflow.execute_activity_method(
-            GitHubActivities.deregister_runner,
-            RunnerRef(runner_name=track.name, runner_id=minted.runner_id),
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=CLEANUP_RETRY,
-            summary=f"deregister {track.name}",
-            task_queue=self._github_queue(),
+    async def _deregister(self, ref: RunnerRef) -> DeregisterOutcome:
+        return await self._github_call(
+            lambda: workflow.execute_activity_method(
+                GitHubActivities.deregister_runner,
+                ref,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=CLEANUP_RETRY,
+                summary=f"deregister {ref.runner_name}",
+                task_queue=self._github_queue(),
+            )
         )
 
 

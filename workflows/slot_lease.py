@@ -37,8 +37,13 @@ class SlotLease:
     def held_s(self) -> float:
         return (workflow.now() - self.granted_at).total_seconds() if self.granted_at else 0.0
 
-    async def acquire(self, give_up: Callable[[], bool] = lambda: False) -> bool:
-        """Wait for a slot; returns False if `give_up()` became true first."""
+    async def acquire(
+        self, give_up: Callable[[], bool] = lambda: False, wait_at_most: timedelta | None = None
+    ) -> bool:
+        """Wait for a slot; returns False if `give_up()` became true or `wait_at_most` passed first.
+
+        Asking again after that is harmless (the request id makes it idempotent), and it
+        re-asserts the request should the semaphore have lost it."""
         info = workflow.info()
         await workflow.execute_local_activity_method(
             SlotActivities.request,
@@ -56,7 +61,12 @@ class SlotLease:
             ),
             start_to_close_timeout=timedelta(seconds=10),
         )
-        await workflow.wait_condition(lambda: self.granted or give_up(), timeout_summary="wait for a slot")
+        try:
+            await workflow.wait_condition(
+                lambda: self.granted or give_up(), timeout=wait_at_most, timeout_summary="wait for a slot"
+            )
+        except TimeoutError:
+            pass
         return self.granted
 
     async def release(self) -> None:
