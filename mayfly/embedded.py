@@ -76,6 +76,8 @@ class EmbeddedStack:
         # Authenticate as a GitHub App (installation tokens) instead of with a PAT.
         use_github_app: bool = False,
         reconcile_min_age_s: float = 2.0,
+        job_deadline_s: float = 24 * 3600.0,
+        job_status_check_interval_s: float = 300.0,
     ) -> None:
         self.client = client
         self._state_dir = state_dir
@@ -129,6 +131,8 @@ class EmbeddedStack:
         self._secret_key = secret_key
         self._registration_poll_s = registration_poll_s
         self._reconcile_min_age_s = reconcile_min_age_s
+        self._job_deadline_s = job_deadline_s
+        self._job_status_check_interval_s = job_status_check_interval_s
         self._sweep_interval_s = sweep_interval_s
         self.settings: MayflySettings | None = None
         self.backend: ContainerBackend = backend or LocalProcessBackend(self._pool.backend)  # type: ignore[arg-type]
@@ -173,6 +177,8 @@ class EmbeddedStack:
             semaphore_reap_interval_s=self._reap_interval_s,
             sweep_interval_s=self._sweep_interval_s,
             reconcile_min_age_s=self._reconcile_min_age_s,
+            job_deadline_s=self._job_deadline_s,
+            job_status_check_interval_s=self._job_status_check_interval_s,
         )
         client = self.client
 
@@ -219,10 +225,10 @@ class EmbeddedStack:
         return [self.simulator.queue_job(DEMO_LABELS, duration_s=duration_s) for _ in range(count)]
 
     async def wait_workflow_started(self, job_id: int, within_s: float = 30) -> None:
-        """Until the starter has accepted the job's `queued` delivery, i.e. its workflow exists."""
+        """Until the starter has accepted the job's first delivery, i.e. its workflow exists."""
         await self.simulator.wait_for(
             lambda: any(
-                d.job_id == job_id and d.action == "queued" and d.status_code == 200
+                d.job_id == job_id and d.action in ("queued", "waiting") and d.status_code == 200
                 for d in self.simulator.deliveries()
             ),
             within_s,

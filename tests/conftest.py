@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -11,6 +11,7 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from mayfly.devserver import local_environment
+from mayfly.embedded import EmbeddedStack
 
 CAN_EVENTS = 300
 
@@ -48,3 +49,28 @@ def pool_name() -> str:
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
+
+
+@pytest.fixture
+async def stack_factory(
+    client: Client, task_queue: str, pool_name: str, state_dir: Path
+) -> AsyncIterator[Callable[..., Awaitable[EmbeddedStack]]]:
+    stacks: list[EmbeddedStack] = []
+
+    async def make(**options: object) -> EmbeddedStack:
+        stack = EmbeddedStack(
+            client,
+            state_dir=state_dir,
+            task_queue=task_queue,
+            pool=pool_name,
+            semaphore_reap_interval_s=2.0,
+            sweep_interval_s=1.0,
+            **options,  # type: ignore[arg-type]
+        )
+        await stack.start()
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        await stack.stop()

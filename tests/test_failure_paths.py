@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError, CancelledError
 
 from mayfly.backends import ContainerState
@@ -16,61 +15,11 @@ from mayfly.backends.local import LocalProcessBackend
 from mayfly.config import LocalBackendSettings
 from mayfly.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.github import GitHubClient
-from mayfly.models import JobPhase, RunnerJobState, job_workflow_id
+from mayfly.models import JobPhase, job_workflow_id
 from simulator import FaultConfig
-from workflows.runner_job import RunnerJobWorkflow
+from tests.jobs import in_phase, job_handle, nothing_left, until
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
-
-
-async def until(check: Callable[[], Awaitable[bool]], within_s: float = 60) -> None:
-    """Poll a condition that has no event to wait on (process and workflow state), with a deadline."""
-    async with asyncio.timeout(within_s):
-        while not await check():  # noqa: ASYNC110 (process and query state raise no event)
-            await asyncio.sleep(0.2)
-
-
-@pytest.fixture
-async def stack_factory(
-    client: Client, task_queue: str, pool_name: str, state_dir: Path
-) -> AsyncIterator[Callable[..., Awaitable[EmbeddedStack]]]:
-    stacks: list[EmbeddedStack] = []
-
-    async def make(**options: object) -> EmbeddedStack:
-        stack = EmbeddedStack(
-            client,
-            state_dir=state_dir,
-            task_queue=task_queue,
-            pool=pool_name,
-            semaphore_reap_interval_s=2.0,
-            sweep_interval_s=1.0,
-            **options,  # type: ignore[arg-type]
-        )
-        await stack.start()
-        stacks.append(stack)
-        return stack
-
-    yield make
-    for stack in stacks:
-        await stack.stop()
-
-
-def job_handle(stack: EmbeddedStack, job_id: int) -> WorkflowHandle[RunnerJobWorkflow, object]:
-    return stack.client.get_workflow_handle_for(RunnerJobWorkflow.run, job_workflow_id(job_id))
-
-
-async def phase(stack: EmbeddedStack, job_id: int) -> JobPhase | None:
-    try:
-        state: RunnerJobState = await job_handle(stack, job_id).query(RunnerJobWorkflow.state)
-    except Exception:
-        return None
-    return state.phase
-
-
-async def nothing_left(stack: EmbeddedStack) -> bool:
-    running = [r for r in await stack.backend.list() if r.state is ContainerState.RUNNING]
-    slots = await stack.semaphore_status()
-    return not running and not stack.simulator.runners() and not slots.holders and not slots.waiters
 
 
 async def test_cancelling_a_running_job_tears_everything_down(
@@ -78,7 +27,7 @@ async def test_cancelling_a_running_job_tears_everything_down(
 ) -> None:
     stack = await stack_factory(max_runners=1)
     (job_id,) = stack.queue_jobs(1, duration_s=2.0)
-    await until(lambda: _is(phase(stack, job_id), JobPhase.RUNNING))
+    await until(in_phase(stack, job_id, JobPhase.RUNNING))
     await job_handle(stack, job_id).cancel()
     with pytest.raises(WorkflowFailureError) as failure:
         await job_handle(stack, job_id).result()
@@ -93,9 +42,9 @@ async def test_cancelling_a_job_waiting_for_a_slot_leaks_nothing(
     # The second job is queued only once the first is running, so the only runner there is
     # has already taken the first job and cannot serve the second behind our back.
     (holder,) = stack.queue_jobs(1, duration_s=3.0)
-    await until(lambda: _is(phase(stack, holder), JobPhase.RUNNING))
+    await until(in_phase(stack, holder, JobPhase.RUNNING))
     (queued,) = stack.queue_jobs(1, duration_s=3.0)
-    await until(lambda: _is(phase(stack, queued), JobPhase.WAITING_FOR_SLOT))
+    await until(in_phase(stack, queued, JobPhase.WAITING_FOR_SLOT))
     await job_handle(stack, queued).cancel()
     with pytest.raises(WorkflowFailureError):
         await job_handle(stack, queued).result()
@@ -153,10 +102,6 @@ async def test_sweeper_removes_orphans_and_leaves_other_runners_alone(
     await until(swept, within_s=30)
 
 
-async def _is(value: Awaitable[JobPhase | None], expected: JobPhase) -> bool:
-    return await value == expected
-
-
 async def test_a_job_whose_queued_webhook_was_lost_is_recovered(
     stack_factory: Callable[..., Awaitable[EmbeddedStack]],
 ) -> None:
@@ -166,7 +111,7 @@ async def test_a_job_whose_queued_webhook_was_lost_is_recovered(
     await sim.wait_for(lambda: any(d.job_id == job_id and d.dropped for d in sim.deliveries()), 10)
     sim.set_faults(FaultConfig())
     # Nothing will redeliver it; the sweeper's reconciliation finds the queued job on GitHub.
-    await until(lambda: _is(phase(stack, job_id), JobPhase.DONE), within_s=60)
+    await until(in_phase(stack, job_id, JobPhase.DONE), within_s=60)
     result = await job_handle(stack, job_id).result()
     assert sim.job(job_id).conclusion == "success"
     assert result is not None

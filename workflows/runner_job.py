@@ -287,6 +287,20 @@ class RunnerJobWorkflow:
             await workflow.sleep(wait, summary="GitHub rate limit reset")
             workflow.set_current_details(f"**{self._phase.value}**: {self._phase_details}")
 
+    async def _finish_despite_cancel(self, activity: asyncio.Task[T], *, stop_it: bool) -> T:
+        """Await an activity that may create something (a registration, a container), so that a
+        workflow cancel is never lost: the activity is let finish (or asked to stop and awaited)
+        before the cancel goes on to teardown, which then finds whatever it made."""
+        try:
+            return await asyncio.shield(activity)
+        except asyncio.CancelledError:
+            if stop_it:
+                activity.cancel()
+            await workflow.wait([activity])
+            if not activity.cancelled():
+                activity.exception()  # retrieved: teardown looks for what it made by name
+            raise
+
     async def _uncancellable(self, work: Awaitable[T]) -> T:
         """Run cleanup to its end even if the workflow is cancelled meanwhile; re-raise the cancel after."""
         task = asyncio.ensure_future(work)
@@ -428,35 +442,41 @@ class RunnerJobWorkflow:
         try:
             self._set_phase(JobPhase.MINTING, f"a JIT config for `{track.name}`")
             minted = await self._github_call(
-                lambda: workflow.execute_activity_method(
-                    GitHubActivities.mint_runner,
-                    MintRequest(pool=job.pool, runner_name=track.name, labels=params.pool_labels),
-                    start_to_close_timeout=timedelta(seconds=30),
-                    schedule_to_close_timeout=timedelta(seconds=params.registration_timeout_s * 3),
-                    retry_policy=GITHUB_RETRY,
-                    summary=f"mint {track.name}",
-                    task_queue=self._github_queue(),
+                lambda: self._finish_despite_cancel(
+                    workflow.start_activity_method(
+                        GitHubActivities.mint_runner,
+                        MintRequest(pool=job.pool, runner_name=track.name, labels=params.pool_labels),
+                        start_to_close_timeout=timedelta(seconds=30),
+                        schedule_to_close_timeout=timedelta(seconds=params.registration_timeout_s * 3),
+                        retry_policy=GITHUB_RETRY,
+                        summary=f"mint {track.name}",
+                        task_queue=self._github_queue(),
+                    ),
+                    stop_it=False,
                 )
             )
             self._set_phase(JobPhase.SPAWNING, f"container `{track.name}`")
             spawn_tried = True
-            container = await workflow.execute_activity_method(
-                ContainerActivities.spawn,
-                ContainerSpec(
-                    pool=job.pool,
-                    name=track.name,
-                    job_id=job.job_id,
-                    owner_workflow_id=workflow.info().workflow_id,
-                    runner_name=track.name,
-                    jit_config=minted.jit_config,
-                    max_lifetime_s=params.max_lifetime_s,
+            container = await self._finish_despite_cancel(
+                workflow.start_activity_method(
+                    ContainerActivities.spawn,
+                    ContainerSpec(
+                        pool=job.pool,
+                        name=track.name,
+                        job_id=job.job_id,
+                        owner_workflow_id=workflow.info().workflow_id,
+                        runner_name=track.name,
+                        jit_config=minted.jit_config,
+                        max_lifetime_s=params.max_lifetime_s,
+                    ),
+                    start_to_close_timeout=timedelta(minutes=25),
+                    schedule_to_close_timeout=timedelta(minutes=30),
+                    heartbeat_timeout=timedelta(minutes=2),
+                    retry_policy=GITHUB_RETRY,
+                    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                    summary=f"spawn {track.name}",
                 ),
-                start_to_close_timeout=timedelta(minutes=25),
-                schedule_to_close_timeout=timedelta(minutes=30),
-                heartbeat_timeout=timedelta(minutes=2),
-                retry_policy=GITHUB_RETRY,
-                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                summary=f"spawn {track.name}",
+                stop_it=True,
             )
             self._metrics().webhook_to_spawn.record((workflow.now() - self._first_started_at).total_seconds())
             exit_task = workflow.start_activity_method(
@@ -681,9 +701,10 @@ def _exit_code(task: asyncio.Task[ContainerExit]) -> int | None:
 
 
 async def _cancel_quietly(task: asyncio.Task[Any]) -> None:
+    """Cancel an activity we no longer need and wait until it is settled. A workflow cancel that
+    arrives meanwhile still propagates: only the task's own outcome is discarded."""
     if not task.done():
         task.cancel()
-    try:
-        await task
-    except (ActivityError, asyncio.CancelledError):
-        pass
+    await workflow.wait([task])
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,284 @@
+"""Webhooks are hints, GitHub is the truth: lost deliveries, approvals, cancellation in every
+phase, refused deregistration, rate-limit resets, stranded and never-served jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError, CancelledError
+
+from mayfly.backends import ContainerBackend, ContainerRecord, ContainerState
+from mayfly.embedded import DEMO_LABELS, EmbeddedStack
+from mayfly.models import JobPhase, RunnerJobResult, job_workflow_id
+from simulator import FaultConfig
+from tests.backends import DelegatingBackend
+from tests.jobs import in_phase, job_handle, nothing_left, until
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
+StackFactory = Callable[..., Awaitable[EmbeddedStack]]
+
+
+async def containers_running(stack: EmbeddedStack, job_id: int) -> list[str]:
+    return [
+        r.name for r in await stack.backend.list() if r.job_id == job_id and r.state is ContainerState.RUNNING
+    ]
+
+
+async def terminated_before_release(handle: WorkflowHandle[Any, Any]) -> bool:
+    """In the workflow's own history, every slot release comes after its last terminate completed."""
+    events = (await handle.fetch_history()).events
+    terminates = {
+        e.event_id
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "containers.terminate"
+    }
+    done = [
+        e.event_id
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
+        and e.activity_task_completed_event_attributes.scheduled_event_id in terminates
+    ]
+    releases = [
+        e.event_id
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED
+        and e.signal_external_workflow_execution_initiated_event_attributes.signal_name == "release"
+    ]
+    return bool(done) and bool(releases) and min(releases) > max(done)
+
+
+async def test_lost_in_progress_and_completed_webhooks_end_each_workflow_with_one_runner(
+    stack_factory: StackFactory,
+) -> None:
+    # Every in_progress/completed delivery is lost: each workflow learns how its job ended only
+    # from GitHub, and must not start a second runner for a job that is already done.
+    stack = await stack_factory(
+        max_runners=3,
+        idle_ttl_s=4.0,
+        job_status_check_interval_s=2.0,
+        faults=FaultConfig(webhook_drop_rate=1.0, webhook_drop_actions=["in_progress", "completed"]),
+    )
+    job_ids = stack.queue_jobs(3, duration_s=1.0)
+    sim = stack.simulator
+    await sim.wait_for(lambda: all(sim.job(j).status == "completed" for j in job_ids), 60)
+    results: list[RunnerJobResult] = []
+    async with asyncio.timeout(60):
+        for job_id in job_ids:
+            results.append(RunnerJobResult.model_validate(await job_handle(stack, job_id).result()))
+    lookups = sim.calls["GET /repos/{owner}/{repo}/actions/jobs/{job_id}"]
+    print(f"\nlost webhooks: runners per job {[r.runners_spawned for r in results]}, job lookups {lookups}")
+    assert all(sim.job(j).conclusion == "success" for j in job_ids)
+    assert [r.runners_spawned for r in results] == [1, 1, 1], "no runner for a job that was already served"
+    assert lookups >= 3, "each workflow asked GitHub"
+    await until(lambda: nothing_left(stack))
+
+
+async def test_a_waiting_job_holds_no_slot_and_no_runner_until_approved(stack_factory: StackFactory) -> None:
+    stack = await stack_factory(max_runners=1)
+    sim = stack.simulator
+    job_id = sim.queue_job(DEMO_LABELS, duration_s=1.0, needs_approval=True)
+    await until(in_phase(stack, job_id, JobPhase.WAITING_FOR_APPROVAL))
+    semaphore = await stack.semaphore_status_or_none()
+    assert semaphore is None or (semaphore.holders == [] and semaphore.waiters == [])
+    assert await stack.backend.list() == [] and sim.runners() == []
+    sim.approve_job(job_id)
+    result = RunnerJobResult.model_validate(await job_handle(stack, job_id).result())
+    assert result.outcome == "served" and sim.job(job_id).conclusion == "success"
+    await until(lambda: nothing_left(stack))
+
+
+class GatedBackend(DelegatingBackend):
+    """Holds a spawn (after the container exists) or a terminate until the test opens the gate."""
+
+    def __init__(self, inner: ContainerBackend) -> None:
+        super().__init__(inner)
+        self.hold_spawn = False
+        self.hold_terminate = False
+        self.gate = asyncio.Event()
+
+    async def spawn(
+        self, *, name: str, owner_workflow_id: str, job_id: int, jit_config: str, max_lifetime_s: float
+    ) -> ContainerRecord:
+        record = await super().spawn(
+            name=name,
+            owner_workflow_id=owner_workflow_id,
+            job_id=job_id,
+            jit_config=jit_config,
+            max_lifetime_s=max_lifetime_s,
+        )
+        if self.hold_spawn:
+            await self.gate.wait()
+        return record
+
+    async def terminate(self, name: str) -> ContainerRecord | None:
+        if self.hold_terminate:
+            await self.gate.wait()
+        return await super().terminate(name)
+
+
+CANCEL_PHASES = [
+    JobPhase.WAITING_FOR_SLOT,
+    JobPhase.MINTING,
+    JobPhase.SPAWNING,
+    JobPhase.REGISTERING,
+    JobPhase.RUNNING,
+    JobPhase.TEARING_DOWN,
+]
+
+
+@pytest.mark.parametrize("cancel_in", CANCEL_PHASES, ids=[p.value for p in CANCEL_PHASES])
+async def test_cancel_in_every_phase_tears_down_in_order_and_ends_cancelled(
+    stack_factory: StackFactory, cancel_in: JobPhase
+) -> None:
+    gated: list[GatedBackend] = []
+
+    def wrap(inner: ContainerBackend) -> ContainerBackend:
+        gated.append(GatedBackend(inner))
+        return gated[0]
+
+    stack = await stack_factory(
+        max_runners=1,
+        wrap_backend=wrap,
+        runner_command=SLEEPER if cancel_in is JobPhase.REGISTERING else None,
+    )
+    sim, gate = stack.simulator, gated[0]
+    holder: int | None = None
+    if cancel_in is JobPhase.WAITING_FOR_SLOT:
+        # The only runner has taken the first job, so it cannot serve the second behind our back.
+        (holder,) = stack.queue_jobs(1, duration_s=4.0)
+        await until(in_phase(stack, holder, JobPhase.RUNNING))
+    elif cancel_in is JobPhase.MINTING:
+        sim.set_faults(FaultConfig(slow_rate=1.0, slow_seconds=3.0))
+    gate.hold_spawn = cancel_in is JobPhase.SPAWNING
+    gate.hold_terminate = cancel_in is JobPhase.TEARING_DOWN
+    (job_id,) = stack.queue_jobs(1, duration_s=5.0 if cancel_in is JobPhase.RUNNING else 1.0)
+    await until(in_phase(stack, job_id, cancel_in))
+    if cancel_in is JobPhase.RUNNING:
+        await sim.wait_for(lambda: sim.job(job_id).status == "in_progress", 30)
+    handle = job_handle(stack, job_id)
+    await handle.cancel()
+    sim.set_faults(FaultConfig())
+    gate.hold_terminate = False
+    gate.gate.set()
+
+    with pytest.raises(WorkflowFailureError) as failure:
+        await handle.result()
+    assert isinstance(failure.value.cause, CancelledError)
+    assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+    assert await containers_running(stack, job_id) == []
+    if cancel_in not in (JobPhase.WAITING_FOR_SLOT, JobPhase.MINTING):
+        assert await terminated_before_release(handle), "the slot went back before the container was gone"
+    if cancel_in is JobPhase.RUNNING:
+        assert sim.job(job_id).conclusion == "success", "a busy runner finishes its job before it is stopped"
+    if holder is not None:
+        await job_handle(stack, holder).result()
+    # A mint cancelled while GitHub was still acting on it may register the runner after the
+    # teardown looked; the sweeper removes such a registration once the workflow has closed.
+    await until(lambda: nothing_left(stack), within_s=30)
+
+
+async def test_refused_deregistration_still_terminates_the_container(stack_factory: StackFactory) -> None:
+    stack = await stack_factory(
+        max_runners=1,
+        runner_command=SLEEPER,
+        registration_timeout_s=3.0,
+        max_registration_attempts=1,
+        faults=FaultConfig(deregister_error_status=401),
+    )
+    (job_id,) = stack.queue_jobs(1)
+    handle = job_handle(stack, job_id)
+    await stack.wait_workflow_started(job_id)
+    with pytest.raises(WorkflowFailureError) as failure:
+        await handle.result()
+    cause = failure.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "RegistrationFailed", cause
+    assert await terminated_before_release(handle)
+    assert await containers_running(stack, job_id) == []
+
+
+async def test_a_rate_limit_reset_beyond_the_activity_timeout_delays_the_job_without_failing_it(
+    stack_factory: StackFactory,
+) -> None:
+    # registration_timeout_s=3 gives the mint activity 9 s in all; the reset is further away,
+    # so before the fix throttling surfaced as failed registrations.
+    stack = await stack_factory(max_runners=1, registration_timeout_s=3.0, max_registration_attempts=2)
+    sim = stack.simulator
+    sim.exhaust_rate_limit(35.0)
+    (job_id,) = stack.queue_jobs(1, duration_s=1.0)
+    await stack.wait_workflow_started(job_id)
+    result = RunnerJobResult.model_validate(await job_handle(stack, job_id).result())
+    throttled = sim.status_codes[403]
+    print(
+        f"\nrate limit: {throttled} calls answered 403, registration failures {result.registration_failures}"
+    )
+    assert result.outcome == "served" and result.registration_failures == 0
+    assert sim.job(job_id).conclusion == "success" and throttled > 0
+
+
+async def test_a_job_whose_workflow_failed_while_still_queued_is_restarted_by_the_reconciler(
+    stack_factory: StackFactory,
+) -> None:
+    stack = await stack_factory(max_runners=1, faults=FaultConfig(jit_error_status=403))
+    sim = stack.simulator
+    (job_id,) = stack.queue_jobs(1, duration_s=1.0)
+    first = job_handle(stack, job_id)
+    await stack.wait_workflow_started(job_id)
+    with pytest.raises(WorkflowFailureError):
+        await first.result()
+    assert sim.job(job_id).status == "queued"
+    sim.set_faults(FaultConfig())
+    await sim.wait_for(lambda: sim.job(job_id).status == "completed", 60)
+    assert sim.job(job_id).conclusion == "success"
+    runs = await stack.client.count_workflows(f'WorkflowId = "{job_workflow_id(job_id)}"')
+    assert runs.count == 2
+    await job_handle(stack, job_id).result()
+    await until(lambda: nothing_left(stack))
+
+
+async def test_a_queued_job_inside_a_running_matrix_is_found_by_the_reconciler(
+    stack_factory: StackFactory,
+) -> None:
+    stack = await stack_factory(max_runners=2)
+    sim = stack.simulator
+    (first,) = sim.queue_run(DEMO_LABELS, 1, duration_s=6.0)
+    await sim.wait_for(lambda: sim.job(first).status == "in_progress", 30)
+    # The run is now in progress; the next matrix job's queued delivery is lost.
+    sim.set_faults(FaultConfig(webhook_drop_rate=1.0, webhook_drop_actions=["queued"]))
+    second = sim.queue_job(DEMO_LABELS, 1.0, run_id=sim.job(first).run_id)
+    await sim.wait_for(lambda: any(d.job_id == second and d.dropped for d in sim.deliveries()), 10)
+    sim.set_faults(FaultConfig())
+    await sim.wait_for(lambda: sim.job(second).status == "completed", 60)
+    assert sim.job(second).conclusion == "success"
+    await job_handle(stack, second).result()
+    await until(lambda: nothing_left(stack))
+
+
+async def test_a_job_that_is_never_served_ends_at_its_deadline_with_bounded_history(
+    stack_factory: StackFactory,
+) -> None:
+    # Never approved: the workflow checks GitHub often enough to continue-as-new several times
+    # (the test server suggests it every 300 events), and the deadline must survive that.
+    stack = await stack_factory(max_runners=1, job_deadline_s=40.0, job_status_check_interval_s=0.2)
+    sim = stack.simulator
+    job_id = sim.queue_job(DEMO_LABELS, duration_s=1.0, needs_approval=True)
+    handle = job_handle(stack, job_id)
+    await stack.wait_workflow_started(job_id)
+    with pytest.raises(WorkflowFailureError) as failure:
+        async with asyncio.timeout(90):
+            await handle.result()
+    cause = failure.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "JobDeadlineExceeded", cause
+    assert "waiting for approval" in str(cause)
+    runs = await stack.client.count_workflows(f'WorkflowId = "{job_workflow_id(job_id)}"')
+    history = await handle.fetch_history()
+    print(f"\nnever served: {runs.count} runs, last run {len(history.events)} events")
+    assert runs.count >= 2, "the long wait continued as new"
+    assert len(history.events) < 600
+    assert await stack.backend.list() == [] and sim.runners() == []
