@@ -18,6 +18,8 @@ from mayfly.github import GitHubClient
 from mayfly.models import JobPhase, job_workflow_id
 from simulator import FaultConfig
 from tests.jobs import in_phase, job_handle, nothing_left, until
+from worker import start_sweeper
+from workflows.sweeper import SweeperWorkflow, sweeper_workflow_id
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
@@ -116,3 +118,21 @@ async def test_a_job_whose_queued_webhook_was_lost_is_recovered(
     assert sim.job(job_id).conclusion == "success"
     assert result is not None
     await until(lambda: nothing_left(stack))
+
+
+async def test_a_worker_start_hands_the_running_sweeper_its_pool_list(
+    stack_factory: Callable[..., Awaitable[EmbeddedStack]],
+) -> None:
+    stack = await stack_factory()
+    assert stack.settings is not None
+    handle = stack.client.get_workflow_handle_for(
+        SweeperWorkflow.run, sweeper_workflow_id(stack.settings.temporal.task_queue)
+    )
+    assert (await handle.query(SweeperWorkflow.config)).pools == [stack.settings.pools[0].name]
+    extra = stack.settings.pools[0].model_copy(update={"name": "another-pool"})
+    changed = stack.settings.model_copy(
+        update={"pools": [*stack.settings.pools, extra], "sweep_interval_s": 7.0}
+    )
+    await start_sweeper(stack.client, changed)
+    config = await handle.query(SweeperWorkflow.config)
+    assert config.pools == [stack.settings.pools[0].name, "another-pool"] and config.interval_s == 7.0

@@ -52,6 +52,10 @@ class SweeperWorkflow:
         self._config = config
 
     @workflow.query
+    def config(self) -> SweeperConfig:
+        return self._config
+
+    @workflow.query
     def total_removed(self) -> int:
         return self._total_removed
 
