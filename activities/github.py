@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities.errors import github_failure
 from mayfly.github import AlreadyExists, GitHubClient, GitHubError, JitConfig, RunnerBusy
@@ -98,12 +98,19 @@ class GitHubActivities:
         """Poll until the runner is online, busy or gone; the webhook usually beats the first poll,
         and the workflow then cancels this activity before it has spent a call."""
         delay = self._first_poll_delay_s
-        while True:
-            await _sleep_heartbeating(delay)
-            status = await self._status(ref)
-            if status.online or status.busy or not status.exists:
-                return status
-            delay = self._poll_interval_s
+        try:
+            while True:
+                await _sleep_heartbeating(delay)
+                status = await self._status(ref)
+                if status.online or status.busy or not status.exists:
+                    return status
+                delay = self._poll_interval_s
+        except asyncio.CancelledError:
+            # The webhook won and the workflow moved on, possibly to its end: expected, and not
+            # worth the warning with a traceback the worker logs for an unrequested cancel.
+            raise ApplicationError(
+                "poll no longer needed", type="PollCancelled", category=ApplicationErrorCategory.BENIGN
+            ) from None
 
     @activity.defn(name="github.deregister_runner")
     async def deregister_runner(self, ref: RunnerRef) -> DeregisterOutcome:

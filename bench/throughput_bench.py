@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 from temporalio.client import Client
 
+from bench.phases import job_timeline
 from mayfly.backends.local import LocalProcessBackend
 from mayfly.config import LocalBackendSettings
 from mayfly.devserver import local_environment
@@ -88,6 +89,8 @@ async def run_mayfly(client: Client, args: argparse.Namespace, state_dir: Path) 
             handle = client.get_workflow_handle(job_workflow_id(job_id), result_type=RunnerJobResult)
             held += (await handle.result()).slot_held_s
         total, ok = api_calls(stack.simulator)
+        print("mayfly per-phase timeline (from job histories):")
+        print((await job_timeline(client, job_ids)).report())
         print("mayfly GitHub calls by route and status:")
         for key, count in sorted(stack.simulator.calls.items()):
             if key[-3:].isdigit():

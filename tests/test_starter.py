@@ -220,7 +220,7 @@ async def test_events_out_of_order_start_nothing_twice_and_take_no_slot(
         slots = await stack.semaphore_status_or_none()
     finally:
         await stack.stop()
-    assert [r.outcome for r in results] == ["served-elsewhere", "served-elsewhere"]
+    assert [r.outcome for r in results] == ["cancelled-before-start", "served-elsewhere"]
     assert [r.runners_spawned for r in results] == [0, 0]
     assert runs == [1, 1]
     assert slots is None or slots.granted_total == 0, "no slot was taken for a job that needed no runner"

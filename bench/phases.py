@@ -1,0 +1,105 @@
+"""Where a job's slot-seconds go: a per-phase timeline read from RunnerJob histories.
+
+Each interval is measured between two history events of the job's own workflow, so the figures
+include every hop (task queue pickup, workflow task, signal delivery) that a phase really costs.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
+from temporalio.client import Client
+
+from mayfly.models import job_workflow_id
+
+# (name, from-marker, to-marker); markers are found in the history by `_markers`.
+PHASES = [
+    ("grant -> mint scheduled", "granted", "mint_scheduled"),
+    ("mint", "mint_scheduled", "mint_completed"),
+    ("mint -> spawn done", "mint_completed", "spawn_completed"),
+    ("spawn -> running (online)", "spawn_completed", "online"),
+    ("running -> exit seen", "online", "exit_completed"),
+    ("exit -> terminated", "exit_completed", "terminate_completed"),
+    ("terminated -> release sent", "terminate_completed", "release"),
+    ("slot held (grant -> release)", "granted", "release"),
+]
+
+
+@dataclass
+class Timeline:
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.samples.setdefault(name, []).append(seconds)
+
+    def report(self) -> str:
+        lines = [f"{'phase':<32} {'mean':>7} {'p50':>7} {'p95':>7}  n"]
+        for name, _, _ in PHASES:
+            values = sorted(self.samples.get(name, []))
+            if not values:
+                continue
+            p95 = values[min(len(values) - 1, int(len(values) * 0.95))]
+            lines.append(
+                f"{name:<32} {statistics.fmean(values):>6.2f}s {statistics.median(values):>6.2f}s "
+                f"{p95:>6.2f}s  {len(values)}"
+            )
+        return "\n".join(lines)
+
+
+def _time(event: HistoryEvent) -> datetime:
+    return event.event_time.ToDatetime()
+
+
+def _markers(events: Iterable[HistoryEvent]) -> dict[str, datetime]:
+    scheduled: dict[int, str] = {}
+    found: dict[str, datetime] = {}
+
+    def first(name: str, event: HistoryEvent) -> None:
+        found.setdefault(name, _time(event))
+
+    for event in events:
+        kind = event.event_type
+        if kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            name = event.workflow_execution_signaled_event_attributes.signal_name
+            if name == "slot_granted":
+                first("granted", event)
+        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            activity = event.activity_task_scheduled_event_attributes.activity_type.name
+            scheduled[event.event_id] = activity
+            if activity == "github.mint_runner":
+                first("mint_scheduled", event)
+        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+            activity = scheduled.get(event.activity_task_completed_event_attributes.scheduled_event_id, "")
+            marker = {
+                "github.mint_runner": "mint_completed",
+                "containers.spawn": "spawn_completed",
+                "containers.wait_exit": "exit_completed",
+                "containers.terminate": "terminate_completed",
+            }.get(activity)
+            if marker:
+                first(marker, event)
+        elif kind == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES:
+            fields = event.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields
+            state = fields.get("MayflyState")
+            if state is not None and b"running" in state.data:
+                first("online", event)
+        elif kind == EventType.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED:
+            if event.signal_external_workflow_execution_initiated_event_attributes.signal_name == "release":
+                first("release", event)
+    return found
+
+
+async def job_timeline(client: Client, job_ids: Iterable[int]) -> Timeline:
+    timeline = Timeline()
+    for job_id in job_ids:
+        history = await client.get_workflow_handle(job_workflow_id(job_id)).fetch_history()
+        marks = _markers(history.events)
+        for name, start, end in PHASES:
+            if start in marks and end in marks:
+                timeline.add(name, (marks[end] - marks[start]).total_seconds())
+    return timeline
