@@ -123,17 +123,20 @@ async def _starter(settings: MayflySettings) -> int:
     from mayfly.serving import ServerLimits, serve
     from mayfly.starter import create_starter_app
 
+    client: Client | None = None
+
+    async def client_provider() -> Client:
+        assert client is not None
+        return client
+
+    app = create_starter_app(settings, client_provider)  # refuses to run without a webhook secret
     # Connect before listening: a wrong address, certificate or API key stops the starter here,
     # by name, instead of turning every delivery into a 503. Once connected, the client
     # reconnects by itself and a Temporal outage is a 503 that GitHub can redeliver.
     client = await connect(settings.temporal)
-
-    async def client_provider() -> Client:
-        return client
-
     stop = _stop_event()
     server = await serve(
-        create_starter_app(settings, client_provider),
+        app,
         host=settings.starter.host,
         port=settings.starter.port,
         limits=ServerLimits(
