@@ -183,10 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     if settings is None:
         return 2
     configure_logging(settings.log_format)
+    code = _run_client_command(args.command, settings)
+    # These commands have used the SDK's native runtime, which can abort at interpreter
+    # shutdown (sdk-python#300) and replace the exit status: leave without finalising.
+    import worker
+
+    worker.exit_now(code)
+    return code
+
+
+def _run_client_command(command: str, settings: MayflySettings) -> int:
     try:
-        if args.command == "starter":
+        if command == "starter":
             return asyncio.run(_starter(settings))
-        if args.command == "setup":
+        if command == "setup":
             return asyncio.run(_setup(settings))
         return asyncio.run(_status(settings))
     except ConfigError as error:
