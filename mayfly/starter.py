@@ -31,12 +31,13 @@ from mayfly.models import JobEvent, JobInfo
 log = logging.getLogger("mayfly.starter")
 
 _JOB_ACTIONS = ("queued", "waiting", "in_progress", "completed")
-# GitHub's payloads nest about six deep; Python's json module would recurse until it crashes.
+# GitHub's payloads nest about six deep. The bound is checked before parsing, so a hostile
+# body cannot make a parser recurse 100,000 levels deep.
 MAX_JSON_DEPTH = 32
 # GitHub ids are int64; a larger one cannot go into a search attribute or a workflow id we trust.
 INT64_MAX = 2**63 - 1
-_JSON_STRING = re.compile(rb'"(?:[^"\\]+|\\.)*"')
-_JSON_NON_BRACKET = re.compile(rb"[^\[\]{}]+")
+# Escapes, quotes and brackets: all fixed-length alternatives, so one linear pass, no backtracking.
+_JSON_STRUCTURE = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)
 _DELIVERY_ID = re.compile(r"^[0-9A-Fa-f-]{1,64}$")
 
 # Bounds on what reaches workflow history: GitHub's own limits where it has them (an owner is at
@@ -68,14 +69,21 @@ class WorkflowJobWebhook(BaseModel):
 
 
 def json_depth_exceeds(body: bytes, limit: int) -> bool:
-    """Whether arrays and objects nest deeper than `limit`, found without parsing: strings are
-    cut out first (they may hold brackets), then brackets are counted."""
-    brackets = _JSON_NON_BRACKET.sub(b"", _JSON_STRING.sub(b"", body))
+    """Whether arrays and objects nest deeper than `limit`, found without parsing: brackets
+    count outside strings only, and an escaped quote does not end a string."""
     depth = 0
-    for byte in brackets:
-        depth += 1 if byte in b"[{" else -1
-        if depth > limit:
-            return True
+    in_string = False
+    for token in _JSON_STRUCTURE.findall(body):
+        if token == b'"':
+            in_string = not in_string
+        elif in_string or len(token) == 2:
+            continue
+        elif token in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
     return False
 
 
