@@ -19,6 +19,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from mayfly.config import MayflySettings, StarterSettings
+from mayfly.devserver import local_environment
 from mayfly.models import job_workflow_id
 from mayfly.serving import RunningServer, ServerLimits, serve
 from mayfly.starter import create_starter_app
@@ -326,3 +327,44 @@ async def test_no_input_gets_a_500_while_temporal_is_down(
     elif response.status_code == 503:
         # A mutation that left the event valid: it reached for Temporal, which is down.
         assert headers["X-GitHub-Event"] == "workflow_job"
+
+
+async def test_a_throttled_temporal_is_503_never_500() -> None:
+    """A dev server limited to 1 request/s per namespace answers a burst with RESOURCE_EXHAUSTED."""
+    throttled = await local_environment(
+        [
+            "--dynamic-config-value",
+            "frontend.namespaceRPS=1",
+            "--dynamic-config-value",
+            "frontend.namespaceBurstRatio=1",
+        ]
+    )
+    try:
+        temporal = throttled.client
+
+        async def provider() -> Client:
+            return temporal
+
+        app = create_starter_app(starter_settings(f"throttled-{random.randrange(10**6)}"), provider)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+        first = random.randrange(5 * 10**15, 6 * 10**15)
+        bodies = [json.dumps(job_payload(first + i)).encode() for i in range(12)]
+        async with httpx.AsyncClient(transport=transport, base_url="http://starter", timeout=60) as http:
+            responses = await asyncio.gather(
+                *(
+                    http.post(
+                        "/webhook",
+                        content=body,
+                        headers={"X-GitHub-Event": "workflow_job", "X-Hub-Signature-256": sign(body)},
+                    )
+                    for body in bodies
+                )
+            )
+            metrics = (await http.get("/metrics")).text
+    finally:
+        await throttled.shutdown()
+    statuses = sorted(response.status_code for response in responses)
+    print(f"\nburst of {len(bodies)} against 1 request/s: {statuses}")
+    assert set(statuses) <= {200, 503}, statuses
+    assert 503 in statuses and 200 in statuses, statuses
+    assert 'outcome="temporal_unavailable"' in metrics
