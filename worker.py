@@ -51,10 +51,18 @@ log = logging.getLogger("mayfly.worker")
 
 
 def sealer_for(settings: MayflySettings) -> Sealer:
+    """The sealer every worker shares. Only the single-process dev stack may do without a
+    configured key: a key each worker made up would let one worker's sealed JIT config fail
+    to open on the next."""
     if settings.secret_key is None:
-        log.warning("secret_key is not set: using a per-process key; run one worker or set MAYFLY_SECRET_KEY")
-        return Sealer.ephemeral()
-    return Sealer.from_secret(settings.secret_key.get_secret_value())
+        raise ConfigError(
+            "secret_key: required for a worker (MAYFLY_SECRET_KEY, at least 32 bytes, the same on every "
+            "worker); generate one with `openssl rand -hex 32`"
+        )
+    return Sealer.from_secrets(
+        settings.secret_key.get_secret_value(),
+        [key.get_secret_value() for key in settings.previous_secret_keys],
+    )
 
 
 def build_workers(
@@ -142,6 +150,7 @@ async def sync_capacities(client: Client, settings: MayflySettings) -> None:
 
 
 async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
+    sealer = sealer_for(settings)
     runtime = prometheus_runtime(settings.metrics_bind_address) if settings.metrics_bind_address else None
     client = await connect(settings.temporal, runtime)
     absent = await search_attributes.missing(client, settings.temporal.namespace)
@@ -157,7 +166,7 @@ async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
             settings,
             github=github,
             backends=build_backends(settings),
-            sealer=sealer_for(settings),
+            sealer=sealer,
             graceful_shutdown_s=settings.worker_graceful_shutdown_s,
         )
         async with contextlib.AsyncExitStack() as running:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from temporalio.client import Client
 
-from mayfly.config import MayflySettings, load_settings_or_report
+from mayfly.config import ConfigError, MayflySettings, load_settings_or_report
 from mayfly.logs import configure_logging
 from mayfly.models import SemaphoreStatus, semaphore_workflow_id
 from mayfly.temporal import connect
@@ -36,8 +35,15 @@ def _stop_event() -> asyncio.Event:
 
 
 async def _dev(args: argparse.Namespace) -> int:
+    try:
+        from mayfly.embedded import EmbeddedStack
+    except ModuleNotFoundError as error:
+        if error.name != "simulator":
+            raise
+        # The runtime wheel and image leave the GitHub simulator out on purpose.
+        print("mayfly dev needs a repository checkout: run `./run demo` there", file=sys.stderr)
+        return 2
     from mayfly.devserver import DevServer
-    from mayfly.embedded import EmbeddedStack
 
     state_dir: Path = args.state_dir
     stop = _stop_event()
@@ -114,20 +120,31 @@ async def _setup(settings: MayflySettings) -> int:
 
 
 async def _starter(settings: MayflySettings) -> int:
-    from mayfly.serving import serve
+    from mayfly.serving import ServerLimits, serve
     from mayfly.starter import create_starter_app
 
     client: Client | None = None
 
     async def client_provider() -> Client:
-        nonlocal client
-        if client is None:
-            client = await connect(settings.temporal)
+        assert client is not None
         return client
 
+    app = create_starter_app(settings, client_provider)  # refuses to run without a webhook secret
+    # Connect before listening: a wrong address, certificate or API key stops the starter here,
+    # by name, instead of turning every delivery into a 503. Once connected, the client
+    # reconnects by itself and a Temporal outage is a 503 that GitHub can redeliver.
+    client = await connect(settings.temporal)
     stop = _stop_event()
     server = await serve(
-        create_starter_app(settings, client_provider), host=settings.starter.host, port=settings.starter.port
+        app,
+        host=settings.starter.host,
+        port=settings.starter.port,
+        limits=ServerLimits(
+            max_concurrency=settings.starter.max_concurrency,
+            head_timeout_s=settings.starter.read_timeout_s,
+            keep_alive_s=settings.starter.keep_alive_s,
+            max_header_bytes=settings.starter.max_header_bytes,
+        ),
     )
     print(f"webhook starter listening on {server.url}/webhook", flush=True)
     await stop.wait()
@@ -166,13 +183,27 @@ def main(argv: list[str] | None = None) -> int:
     if settings is None:
         return 2
     configure_logging(settings.log_format)
-    with contextlib.suppress(KeyboardInterrupt):
-        if args.command == "starter":
+    code = _run_client_command(args.command, settings)
+    # These commands have used the SDK's native runtime, which can abort at interpreter
+    # shutdown (sdk-python#300) and replace the exit status: leave without finalising.
+    import worker
+
+    worker.exit_now(code)
+    return code
+
+
+def _run_client_command(command: str, settings: MayflySettings) -> int:
+    try:
+        if command == "starter":
             return asyncio.run(_starter(settings))
-        if args.command == "setup":
+        if command == "setup":
             return asyncio.run(_setup(settings))
         return asyncio.run(_status(settings))
-    return 130
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

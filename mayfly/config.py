@@ -17,6 +17,18 @@ from pydantic_settings import (
 )
 
 POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
+# HMAC and HKDF inputs shorter than the hash's output weaken them; 32 bytes also rules out
+# the empty string an unset environment variable leaves behind.
+MIN_SECRET_BYTES = 32
+
+
+def require_strong_secret(value: SecretStr | None) -> SecretStr | None:
+    if value is not None and len(value.get_secret_value().encode()) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"must be at least {MIN_SECRET_BYTES} bytes (got {len(value.get_secret_value().encode())}); "
+            "generate one with `openssl rand -hex 32`"
+        )
+    return value
 
 
 class LocalBackendSettings(BaseModel):
@@ -124,6 +136,11 @@ class GitHubSettings(BaseModel):
             raise ValueError("must look like 'owner/name'")
         return value
 
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret_is_strong(cls, value: SecretStr | None) -> SecretStr | None:
+        return require_strong_secret(value)
+
     @model_validator(mode="after")
     def _one_scope(self) -> GitHubSettings:
         if (self.repository is None) == (self.organization is None):
@@ -166,18 +183,70 @@ class GitHubSettings(BaseModel):
 
 class TemporalSettings(BaseModel):
     address: str = "localhost:7233"
-    namespace: str = "default"
+    # Temporal Cloud namespaces look like "<name>.<account>".
+    namespace: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
     task_queue: str = "mayfly"
+    # None: TLS whenever a certificate, a CA or an API key is configured. True with nothing
+    # else: TLS against the system's root CAs (Temporal Cloud with an API key needs no more).
+    tls: bool | None = None
+    # PEM files. The CA verifies the server; cert and key authenticate Mayfly (mTLS).
+    tls_ca_path: Path | None = None
+    tls_cert_path: Path | None = None
+    tls_key_path: Path | None = None
+    # The name the server certificate must carry, when it is not the host in `address`.
+    tls_server_name: str | None = None
+    # Temporal Cloud API key (MAYFLY_TEMPORAL__API_KEY); sent as a bearer token, so only over TLS.
+    api_key: SecretStr | None = None
 
     @property
     def github_task_queue(self) -> str:
         return f"{self.task_queue}-github"
+
+    @property
+    def uses_tls(self) -> bool:
+        if self.tls is not None:
+            return self.tls
+        return any(
+            value is not None
+            for value in (self.tls_ca_path, self.tls_cert_path, self.tls_key_path, self.api_key)
+        )
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is empty; unset it or give the key")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_is_consistent(self) -> TemporalSettings:
+        if (self.tls_cert_path is None) != (self.tls_key_path is None):
+            raise ValueError(
+                "temporal.tls_cert_path and temporal.tls_key_path go together: set both or neither"
+            )
+        for name in ("tls_ca_path", "tls_cert_path", "tls_key_path"):
+            path: Path | None = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"temporal.{name}: no file at {path}")
+        if self.tls is False:
+            if self.api_key is not None:
+                raise ValueError("temporal.api_key requires TLS; remove temporal.tls = false")
+            if any(p is not None for p in (self.tls_ca_path, self.tls_cert_path, self.tls_key_path)):
+                raise ValueError("temporal.tls = false contradicts the temporal.tls_* paths that are set")
+        return self
 
 
 class StarterSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=1_000_000, gt=0)
+    # Past this many open connections and requests in progress, new ones get a 503 at once.
+    max_concurrency: int = Field(default=200, ge=1)
+    # Deadline for a request's head, and separately for its body, before the signature is
+    # checked: a slow client cannot hold a connection open for free.
+    read_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    keep_alive_s: int = Field(default=5, ge=1, le=300)
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
 
 
 class MayflySettings(BaseSettings):
@@ -190,7 +259,11 @@ class MayflySettings(BaseSettings):
     starter: StarterSettings = Field(default_factory=StarterSettings)
     pools: list[PoolSettings] = Field(min_length=1)
     # Seals JIT configs between activities so they never sit in workflow history in plaintext.
+    # Every worker needs the same one; `mayfly worker` refuses to start without it.
     secret_key: SecretStr | None = None
+    # Rotation: the new key goes in secret_key, the old ones here until no running job can
+    # still hold a config sealed under them (max_lifetime_s of the longest pool).
+    previous_secret_keys: list[SecretStr] = Field(default_factory=list)
     semaphore_reap_interval_s: float = Field(default=20.0, gt=0)
     sweep_interval_s: float = Field(default=60.0, gt=0)
     # Queued jobs younger than this are left to their webhook before the sweeper steps in.
@@ -211,6 +284,24 @@ class MayflySettings(BaseSettings):
     # host:port for the worker's /healthz and /readyz; unset = off.
     health_bind_address: str | None = Field(default=None, pattern=r"^[\w.-]+:\d{1,5}$")
     metrics_bind_address: str | None = Field(default=None, pattern=r"^[\w.-]+:\d{1,5}$")
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key_is_strong(cls, value: SecretStr | None) -> SecretStr | None:
+        return require_strong_secret(value)
+
+    @field_validator("previous_secret_keys")
+    @classmethod
+    def _previous_keys_are_strong(cls, values: list[SecretStr]) -> list[SecretStr]:
+        for value in values:
+            require_strong_secret(value)
+        return values
+
+    @model_validator(mode="after")
+    def _previous_keys_need_a_current_one(self) -> MayflySettings:
+        if self.previous_secret_keys and self.secret_key is None:
+            raise ValueError("previous_secret_keys is set but secret_key is not: the newest key seals")
+        return self
 
     @field_validator("pools")
     @classmethod

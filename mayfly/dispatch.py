@@ -21,11 +21,25 @@ from workflows.runner_job import RunnerJobWorkflow
 
 # Well inside GitHub's 10 s delivery timeout.
 RPC_TIMEOUT = timedelta(seconds=5)
-_UNAVAILABLE = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED)
+# The request itself is at fault (a payload over Temporal's size limits, say); redelivering the
+# same event cannot help. Every other status (throttling, outages, timeouts, auth or namespace
+# trouble on our side) is transient or ours to fix, and the event may succeed when redelivered.
+_REJECTED = (RPCStatusCode.INVALID_ARGUMENT,)
 
 
 class DispatchUnavailable(Exception):
-    """Temporal could not be reached; the caller should let the event be delivered again."""
+    """Temporal could not take the event now (unreachable, throttled, misconfigured); the caller
+    should let it be delivered again."""
+
+
+class DispatchRejected(Exception):
+    """Temporal refused the event as invalid; redelivering it would fail the same way."""
+
+
+def _classify(error: RPCError) -> Exception:
+    if error.status in _REJECTED:
+        return DispatchRejected(f"{error.status.name}: {error.message}")
+    return DispatchUnavailable(f"{error.status.name}: {error.message}")
 
 
 class JobDispatcher:
@@ -102,9 +116,7 @@ class JobDispatcher:
         except WorkflowAlreadyStartedError:
             pass  # the job's workflow has already finished: this is a late or duplicate event
         except RPCError as error:
-            if error.status in _UNAVAILABLE:
-                raise DispatchUnavailable(str(error)) from error
-            raise
+            raise _classify(error) from error
 
     async def _signal_existing(self, client: Client, workflow_id: str, event: JobEvent) -> None:
         try:
@@ -112,6 +124,4 @@ class JobDispatcher:
         except RPCError as error:
             if error.status == RPCStatusCode.NOT_FOUND:
                 return
-            if error.status in _UNAVAILABLE:
-                raise DispatchUnavailable(str(error)) from error
-            raise
+            raise _classify(error) from error

@@ -84,7 +84,7 @@ class EmbeddedStack:
         self._simulator_port = simulator_port
         self._starter_port = starter_port
         token = secrets.token_urlsafe(16)
-        webhook_secret = secrets.token_urlsafe(16)
+        webhook_secret = secrets.token_hex(32)
         # GitHub job ids are unique for ever; a fresh range per stack keeps that true across demo
         # runs that share one Temporal database, and across tests that share one dev server.
         first_job_id = int(time.time() * 1000) % 10**12 * 10
@@ -196,7 +196,8 @@ class EmbeddedStack:
 
     async def start_workers(self) -> None:
         assert self.settings is not None and self._github is not None
-        sealer = Sealer.from_secret(self._secret_key) if self._secret_key else Sealer.ephemeral()
+        # One process, so a per-process key works here; a real worker must be given one.
+        sealer = Sealer.from_secrets(self._secret_key) if self._secret_key else Sealer.ephemeral()
         self._workers = build_workers(
             self.client,
             self.settings,

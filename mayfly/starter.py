@@ -7,48 +7,84 @@ or a container provider, so it answers well within GitHub's 10 s delivery timeou
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
-import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Annotated
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, StringConstraints, ValidationError
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from temporalio.client import Client
 
 from mayfly.config import ConfigError, MayflySettings
-from mayfly.dispatch import DispatchUnavailable, JobDispatcher
+from mayfly.dispatch import DispatchRejected, DispatchUnavailable, JobDispatcher
 from mayfly.models import JobEvent, JobInfo
 
 log = logging.getLogger("mayfly.starter")
 
 _JOB_ACTIONS = ("queued", "waiting", "in_progress", "completed")
+# GitHub's payloads nest about six deep. The bound is checked before parsing, so a hostile
+# body cannot make a parser recurse 100,000 levels deep.
+MAX_JSON_DEPTH = 32
+# GitHub ids are int64; a larger one cannot go into a search attribute or a workflow id we trust.
+INT64_MAX = 2**63 - 1
+# Escapes, quotes and brackets: all fixed-length alternatives, so one linear pass, no backtracking.
+_JSON_STRUCTURE = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)
+_DELIVERY_ID = re.compile(r"^[0-9A-Fa-f-]{1,64}$")
+
+# Bounds on what reaches workflow history: GitHub's own limits where it has them (an owner is at
+# most 39 characters, a repository name 100), generous ones elsewhere.
+GitHubId = Annotated[int, Field(strict=True, ge=1, le=INT64_MAX)]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"\S")]
+ShortText = Annotated[str, StringConstraints(max_length=256)]
 
 
 class WebhookRepository(BaseModel):
-    full_name: str
+    full_name: str = Field(max_length=140, pattern=r"^[\w.-]{1,39}/[\w.-]{1,100}$")
 
 
 class WebhookJob(BaseModel):
-    id: int
-    run_id: int
-    run_attempt: int = 1
-    name: str = ""
-    labels: list[str]
-    runner_name: str | None = None
-    conclusion: str | None = None
+    id: GitHubId
+    run_id: GitHubId
+    run_attempt: GitHubId = 1
+    name: str = Field(default="", max_length=1024)
+    # No labels cannot come from a real `runs-on`; routing it would hand it the first pool.
+    labels: list[Label] = Field(min_length=1, max_length=64)
+    runner_name: ShortText | None = None
+    conclusion: ShortText | None = None
 
 
 class WorkflowJobWebhook(BaseModel):
-    action: str
+    action: str = Field(max_length=64)
     workflow_job: WebhookJob
     repository: WebhookRepository
+
+
+def json_depth_exceeds(body: bytes, limit: int) -> bool:
+    """Whether arrays and objects nest deeper than `limit`, found without parsing: brackets
+    count outside strings only, and an escaped quote does not end a string."""
+    depth = 0
+    in_string = False
+    for token in _JSON_STRUCTURE.findall(body):
+        if token == b'"':
+            in_string = not in_string
+        elif in_string or len(token) == 2:
+            continue
+        elif token in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
 
 
 ClientProvider = Callable[[], Awaitable[Client]]
@@ -98,41 +134,62 @@ class WebhookStarter:
         return b"".join(chunks)
 
     async def handle(self, request: Request) -> JSONResponse:
-        body = await self._read_body(request)
+        try:
+            async with asyncio.timeout(self._settings.starter.read_timeout_s):
+                body = await self._read_body(request)
+        except TimeoutError:
+            self.counters["rejected_slow_body"] += 1
+            return _answer(408, "request body not received in time")
+        except ClientDisconnect:
+            self.counters["rejected_disconnected"] += 1
+            return _answer(400, "client went away before the body was complete")
         if body is None:
             self.counters["rejected_too_large"] += 1
             return _answer(413, f"body exceeds {self._settings.starter.max_body_bytes} bytes")
         if not signature_matches(self._secret, body, request.headers.get("x-hub-signature-256")):
             self.counters["rejected_signature"] += 1
             return _answer(401, "missing or invalid X-Hub-Signature-256")
+        # From here on the sender holds the secret; still, nothing it sends is echoed back or
+        # becomes a metrics label (the counters' keys are a fixed set).
         event = request.headers.get("x-github-event", "")
         if event == "ping":
             return _answer(200, "pong")
         if event != "workflow_job":
-            self.counters[f"ignored_event:{event or 'none'}"] += 1
-            return _answer(202, f"event {event!r} ignored")
+            self.counters["ignored_event"] += 1
+            return _answer(202, "only workflow_job events are handled; event ignored")
+        if json_depth_exceeds(body, MAX_JSON_DEPTH):
+            self.counters["rejected_malformed"] += 1
+            return _answer(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         try:
-            payload = WorkflowJobWebhook.model_validate(json.loads(body))
-        except json.JSONDecodeError as error:
-            self.counters["rejected_malformed"] += 1
-            return _answer(400, f"body is not JSON: {error.msg}")
-        except UnicodeDecodeError:
-            self.counters["rejected_malformed"] += 1
-            return _answer(400, "body is not UTF-8 JSON")
+            payload = WorkflowJobWebhook.model_validate_json(body)
         except ValidationError as error:
             self.counters["rejected_malformed"] += 1
-            first = error.errors()[0]
+            first = error.errors(include_url=False, include_input=False, include_context=False)[0]
+            if first["type"] == "json_invalid":
+                return _answer(400, "body is not valid UTF-8 JSON")
+            # The location is built from this model's field names and list indexes only.
             field = ".".join(str(part) for part in first["loc"])
-            return _answer(400, f"field {field}: {first['msg']}", field=field)
+            return _answer(400, f"field {field}: {first['msg'][:200]}", field=field)
         if payload.action not in _JOB_ACTIONS:
-            self.counters[f"ignored_action:{payload.action}"] += 1
-            return _answer(202, f"action {payload.action!r} ignored")
+            self.counters["ignored_action"] += 1
+            return _answer(202, "action ignored")
+        delivery = request.headers.get("x-github-delivery", "")
         try:
-            return await self._dispatch(payload, request.headers.get("x-github-delivery", ""))
+            return await self._dispatch(payload, delivery if _DELIVERY_ID.match(delivery) else "?")
+        except DispatchRejected as error:
+            self.counters["rejected_by_temporal"] += 1
+            log.warning("Temporal rejected job %s as invalid: %s", payload.workflow_job.id, error)
+            return _answer(400, "Temporal rejected this event as invalid")
         except DispatchUnavailable as error:
             self.counters["temporal_unavailable"] += 1
             log.warning("Temporal unavailable, asking GitHub to redeliver: %s", error)
             return _answer(503, "Temporal is unavailable; redeliver this event later")
+        except Exception:
+            # Whatever else went wrong, it is on this side: GitHub may redeliver, and a 500
+            # would say nothing more.
+            self.counters["temporal_unavailable"] += 1
+            log.exception("dispatch of job %s failed", payload.workflow_job.id)
+            return _answer(503, "the event could not be handed to Temporal; redeliver it later")
 
     async def _dispatch(self, payload: WorkflowJobWebhook, delivery: str) -> JSONResponse:
         job = payload.workflow_job
@@ -157,7 +214,7 @@ class WebhookStarter:
             self.counters["ignored_no_pool"] += 1
             log.info("job %s labels %s match no pool; ignored", job.id, job.labels)
             return _answer(202, "no pool serves these labels")
-        self.counters[f"accepted:{payload.action}"] += 1
+        self.counters[f"accepted:{payload.action}"] += 1  # one of _JOB_ACTIONS
         log.info("delivery %s: job %s %s -> pool %s", delivery, job.id, payload.action, pool)
         return _answer(200, "accepted")
 

@@ -1,4 +1,5 @@
-"""Connecting to Temporal with the one data converter every Mayfly process must share."""
+"""Connecting to Temporal with the one data converter every Mayfly process must share, and the
+TLS, mTLS or API-key settings of a secured cluster or Temporal Cloud."""
 
 from __future__ import annotations
 
@@ -6,13 +7,44 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
 from temporalio.runtime import Runtime
+from temporalio.service import TLSConfig
 
-from mayfly.config import TemporalSettings
+from mayfly.config import ConfigError, TemporalSettings
 
 DATA_CONVERTER: DataConverter = pydantic_data_converter
 
 
+def tls_config(settings: TemporalSettings) -> TLSConfig | bool:
+    """What Client.connect takes as `tls`: False for plaintext, or the configured PEM material."""
+    if not settings.uses_tls:
+        return False
+    try:
+        return TLSConfig(
+            server_root_ca_cert=settings.tls_ca_path.read_bytes() if settings.tls_ca_path else None,
+            domain=settings.tls_server_name,
+            client_cert=settings.tls_cert_path.read_bytes() if settings.tls_cert_path else None,
+            client_private_key=settings.tls_key_path.read_bytes() if settings.tls_key_path else None,
+        )
+    except OSError as error:
+        # Validated at start, but a mounted secret can vanish or lose permissions before the connect.
+        raise ConfigError(f"temporal.tls_*: cannot read {error.filename}: {error.strerror}") from None
+
+
 async def connect(settings: TemporalSettings, runtime: Runtime | None = None) -> Client:
-    return await Client.connect(
-        settings.address, namespace=settings.namespace, data_converter=DATA_CONVERTER, runtime=runtime
-    )
+    """Connect, or raise ConfigError with a message an operator can act on."""
+    try:
+        return await Client.connect(
+            settings.address,
+            namespace=settings.namespace,
+            api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+            tls=tls_config(settings),
+            data_converter=DATA_CONVERTER,
+            runtime=runtime,
+        )
+    except RuntimeError as error:
+        # The SDK reports connection, TLS handshake and auth failures as RuntimeError.
+        hint = "" if settings.uses_tls else " (TLS is off: does the server require it? set temporal.tls_*)"
+        raise ConfigError(
+            f"cannot connect to Temporal at {settings.address} (namespace {settings.namespace!r}): "
+            f"{error}{hint}"
+        ) from None

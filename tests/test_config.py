@@ -13,7 +13,7 @@ GOOD = """
 [github]
 repository = "acme/widgets"
 token = "ghp_example"
-webhook_secret = "s3cret"
+webhook_secret = "0123456789abcdef0123456789abcdef"
 
 [[pools]]
 name = "gpu"

@@ -17,9 +17,11 @@ from temporalio.service import RPCError, RPCStatusCode
 from mayfly.config import ConfigError, GitHubSettings, MayflySettings, PoolSettings, TemporalSettings
 from mayfly.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.models import RunnerJobResult, job_workflow_id
-from mayfly.starter import create_starter_app, signature_matches
+from mayfly.starter import MAX_JSON_DEPTH, create_starter_app, json_depth_exceeds, signature_matches
 
-SECRET = "It's a Secret to Everybody"
+# GitHub's documented test vector uses this (short) secret; settings need 32 bytes or more.
+GITHUB_EXAMPLE_SECRET = "It's a Secret to Everybody"
+SECRET = "a webhook secret of at least 32 bytes"
 
 
 def settings(task_queue: str, secret: str | None = SECRET) -> MayflySettings:
@@ -79,9 +81,26 @@ async def workflow_exists(client: Client, job_id: int) -> bool:
 
 def test_signature_matches_githubs_test_vector() -> None:
     expected = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
-    assert signature_matches(SECRET.encode(), b"Hello, World!", expected)
-    assert not signature_matches(SECRET.encode(), b"Hello, World?", expected)
-    assert not signature_matches(SECRET.encode(), b"Hello, World!", expected.replace("sha256=", "sha1="))
+    secret = GITHUB_EXAMPLE_SECRET.encode()
+    assert signature_matches(secret, b"Hello, World!", expected)
+    assert not signature_matches(secret, b"Hello, World?", expected)
+    assert not signature_matches(secret, b"Hello, World!", expected.replace("sha256=", "sha1="))
+
+
+@pytest.mark.parametrize(
+    ("body", "too_deep"),
+    [
+        (b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH, False),
+        (b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1), True),
+        (b'{"a": {"b": [1, {"c": []}]}}', False),
+        # Brackets inside strings, and escaped quotes that do not end them, are not structure.
+        (json.dumps({"name": "[" * 100, "q": '\\"[[[[' * 20}).encode(), False),
+        (b'{"s": "\\"' + b"[" * 40 + b'"}', False),
+        (b'{"s": "\\\\"' + b", " + b"[" * 40 + b"]" * 40 + b"}", True),
+    ],
+)
+def test_json_depth_is_measured_outside_strings(body: bytes, too_deep: bool) -> None:
+    assert json_depth_exceeds(body, MAX_JSON_DEPTH) is too_deep
 
 
 @pytest.mark.parametrize("signature", [None, "sha256=" + "0" * 64, "sha1=abc", "garbage"])

@@ -66,7 +66,7 @@ async def until_ready(url: str, within_s: float = 30) -> None:
 async def test_sigterm_exits_zero_and_the_job_finishes_on_another_worker(
     client: Client, task_queue: str, pool_name: str, state_dir: Path
 ) -> None:
-    secret_key = "shared-by-all-workers"
+    secret_key = "shared-by-all-workers-and-32-bytes-long"
     stack = EmbeddedStack(
         client,
         state_dir=state_dir,
