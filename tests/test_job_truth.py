@@ -31,13 +31,15 @@ async def containers_running(stack: EmbeddedStack, job_id: int) -> list[str]:
 
 
 async def terminated_before_release(handle: WorkflowHandle[Any, Any]) -> bool:
-    """In the workflow's own history, every slot release comes after its last terminate completed."""
+    """In the workflow's own history, every slot release comes after the container was confirmed
+    gone: by a terminate, or by the watcher that saw it exit."""
     events = (await handle.fetch_history()).events
     terminates = {
         e.event_id
         for e in events
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-        and e.activity_task_scheduled_event_attributes.activity_type.name == "containers.terminate"
+        and e.activity_task_scheduled_event_attributes.activity_type.name
+        in ("containers.terminate", "containers.wait_exit")
     }
     done = [
         e.event_id
@@ -143,10 +145,14 @@ async def test_cancel_in_every_phase_tears_down_in_order_and_ends_cancelled(
         gated.append(GatedBackend(inner))
         return gated[0]
 
+    never_registers = cancel_in in (JobPhase.REGISTERING, JobPhase.TEARING_DOWN)
     stack = await stack_factory(
         max_runners=1,
         wrap_backend=wrap,
-        runner_command=SLEEPER if cancel_in is JobPhase.REGISTERING else None,
+        # A runner that never comes online is torn down with a terminate (one that ran its job
+        # and exited needs none), which the gate can hold.
+        runner_command=SLEEPER if never_registers else None,
+        registration_timeout_s=2.0 if cancel_in is JobPhase.TEARING_DOWN else 60.0,
     )
     sim, gate = stack.simulator, gated[0]
     holder: int | None = None

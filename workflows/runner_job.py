@@ -118,6 +118,7 @@ class RunnerJobWorkflow:
             carry.deadline if carry else self._first_started_at + timedelta(seconds=params.job_deadline_s)
         )
         self._slot_held_before_s = carry.slot_held_s if carry else 0.0
+        self._ask_before_next_slot = False
         self._lease = SlotLease(params.job.pool, params.capacity, params.semaphore_reap_interval_s)
         self._phase = JobPhase.QUEUED
         self._phase_details = ""
@@ -359,6 +360,12 @@ class RunnerJobWorkflow:
                 continue
             if self._job_status != "queued":
                 break
+            if self._ask_before_next_slot:
+                # Our last runner ran some job and we have not heard which: most likely ours,
+                # with its webhooks still on the way. Asked without holding a slot.
+                self._ask_before_next_slot = False
+                await self._ask_github("a runner of ours ran a job; was it this one?")
+                continue
             await self._serve_with_slot()
             if self._continue_as_new_due() and self._job_needs_runner():
                 raise _ContinueAsNew
@@ -404,10 +411,11 @@ class RunnerJobWorkflow:
                 await self._ask_github("still queued while waiting for a slot?")
                 if self._continue_as_new_due() and self._job_needs_runner():
                     return
+            first_in_slot = True
             while self._job_needs_runner():
-                if self._runners_started > 0:
-                    # A runner of ours ran, and the webhooks may not have told us which job it
-                    # took: another runner for a job that was served would only idle.
+                if self._runners_started > 0 and not first_in_slot:
+                    # A runner of ours failed to register; lost webhooks may hide that the job
+                    # was served meanwhile, and another runner would only idle.
                     await self._ask_github("before starting another runner")
                     if not self._job_needs_runner():
                         break
@@ -419,14 +427,18 @@ class RunnerJobWorkflow:
                         type="RegistrationFailed",
                         non_retryable=True,
                     )
-                await self._run_one_runner()
+                first_in_slot = False
+                if await self._run_one_runner() and self._job_needs_runner():
+                    self._ask_before_next_slot = True
+                    return
                 if self._continue_as_new_due():
                     return
         finally:
             # The slot goes back only here, after every container of ours is confirmed gone.
             await self._uncancellable(self._lease.release())
 
-    async def _run_one_runner(self) -> None:
+    async def _run_one_runner(self) -> bool:
+        """Start one runner and see it gone; True if it ran some job (which may be ours)."""
         params = self._params
         job = params.job
         self._runners_started += 1
@@ -489,8 +501,7 @@ class RunnerJobWorkflow:
             )
             self._set_phase(JobPhase.REGISTERING, f"`{track.name}` to come online")
             if not await self._confirm_registration(track, minted, exit_task):
-                self._registration_not_seen(track, exit_task)
-                return
+                return self._registration_not_seen(track, exit_task)
             self._set_phase(JobPhase.RUNNING, f"`{track.name}` is online")
             await self._wait_until_runner_done(track, exit_task, spawned_at)
         except ActivityError as error:
@@ -506,8 +517,10 @@ class RunnerJobWorkflow:
             # An idle runner reaped while the job was still queued counts against the budget:
             # otherwise a job no runner can take would mint a new one every idle TTL, forever.
             self._attempt_failed("idle", f"{track.name} stayed idle for {params.idle_ttl_s:.0f}s")
+        return track.assigned_job is not None or (exit_task is not None and _exit_code(exit_task) == 0)
 
-    def _registration_not_seen(self, track: _RunnerTrack, exit_task: asyncio.Task[ContainerExit]) -> None:
+    def _registration_not_seen(self, track: _RunnerTrack, exit_task: asyncio.Task[ContainerExit]) -> bool:
+        """Account for a runner never seen online; True if its clean exit says it ran a job."""
         params = self._params
         if _exit_code(exit_task) == 0:
             # The listener exits 0 only after a job (or once its registration is gone): it ran
@@ -520,11 +533,12 @@ class RunnerJobWorkflow:
                     type="RunnersVanish",
                     non_retryable=True,
                 )
-            return
+            return True
         cause = "exited" if exit_task.done() else "timeout"
         self._attempt_failed(
             cause, f"{track.name} did not come online within {params.registration_timeout_s:.0f}s"
         )
+        return False
 
     async def _confirm_registration(
         self, track: _RunnerTrack, minted: MintedRunner, exit_task: asyncio.Task[ContainerExit]
@@ -663,9 +677,12 @@ class RunnerJobWorkflow:
                     )
                 except TimeoutError:
                     pass
+        exit_observed = exit_task is not None and _exited(exit_task)
         if exit_task is not None:
             await _cancel_quietly(exit_task)
-        if container:
+        # The watcher returns only once the backend reports the container stopped: that is the
+        # confirmation a terminate would give, one activity round trip sooner.
+        if container and not exit_observed:
             ref_to_stop = (
                 container
                 if isinstance(container, ContainerRef)
