@@ -94,6 +94,9 @@ def build_workers(
             slot_activities.request,
             slot_activities.reclaim_dead_holders,
             sweep_activities.containers,
+            # Waits ten seconds before its first call and is usually cancelled by then; on the
+            # rate-limited queue each start would spend a mint's share of the budget.
+            github_activities.wait_online,
         ],
         graceful_shutdown_timeout=shutdown,
     )
@@ -102,7 +105,6 @@ def build_workers(
         task_queue=settings.temporal.github_task_queue,
         activities=[
             github_activities.mint_runner,
-            github_activities.wait_online,
             github_activities.deregister_runner,
             github_activities.job_status,
             sweep_activities.registrations,

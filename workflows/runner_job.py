@@ -554,7 +554,6 @@ class RunnerJobWorkflow:
             heartbeat_timeout=timedelta(seconds=4),
             retry_policy=GITHUB_RETRY,
             summary=f"poll {track.name} online",
-            task_queue=self._github_queue(),
         )
         try:
             await workflow.wait_condition(
