@@ -80,7 +80,6 @@ class GitHubActivities:
             record_rate_limit(activity.metric_meter(), self._github.rate_limit_remaining)
         return MintedRunner(
             runner_id=jit.runner.id,
-            runner_name=jit.runner.name,
             jit_config=self._sealer.seal(jit.encoded_jit_config, context=request.runner_name),
         )
 

@@ -279,10 +279,11 @@ class MayflySettings(BaseSettings):
     max_job_restarts: int = Field(default=3, ge=0)
     # Keep it below the orchestrator's kill deadline (Kubernetes terminationGracePeriodSeconds).
     worker_graceful_shutdown_s: float = Field(default=30.0, ge=0)
-    # host:port for the worker's Prometheus endpoint (SDK and Mayfly metrics); unset = off.
+    # "json" writes one object per line, for log shippers.
     log_format: Literal["text", "json"] = "text"
     # host:port for the worker's /healthz and /readyz; unset = off.
     health_bind_address: str | None = Field(default=None, pattern=r"^[\w.-]+:\d{1,5}$")
+    # host:port for the worker's Prometheus endpoint (SDK and Mayfly metrics); unset = off.
     metrics_bind_address: str | None = Field(default=None, pattern=r"^[\w.-]+:\d{1,5}$")
 
     @field_validator("secret_key")
@@ -326,12 +327,6 @@ class MayflySettings(BaseSettings):
         if path:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
         return tuple(sources)
-
-    def pool(self, name: str) -> PoolSettings:
-        for pool in self.pools:
-            if pool.name == name:
-                return pool
-        raise KeyError(f"no pool named {name!r}")
 
     def pool_for(self, job_labels: list[str]) -> PoolSettings | None:
         """The first pool, in config order, whose labels cover the job's."""

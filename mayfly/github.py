@@ -22,16 +22,11 @@ if TYPE_CHECKING:
 API_VERSION = "2022-11-28"
 
 
-class RunnerLabel(BaseModel):
-    name: str
-
-
 class Runner(BaseModel):
     id: int
     name: str
     status: str
     busy: bool
-    labels: list[RunnerLabel] = Field(default_factory=list)
 
     @property
     def online(self) -> bool:

@@ -34,7 +34,6 @@ class JobEvent(BaseModel):
     action: JobAction
     job_id: int
     runner_name: str | None = None
-    conclusion: str | None = None
 
 
 class JobPhase(StrEnum):
@@ -199,7 +198,6 @@ class MintRequest(BaseModel):
 
 class MintedRunner(BaseModel):
     runner_id: int
-    runner_name: str
     jit_config: SealedSecret
 
 

@@ -206,7 +206,6 @@ class WebhookStarter:
             action=payload.action,
             job_id=job.id,
             runner_name=job.runner_name,
-            conclusion=job.conclusion,
         )
         client = await self._client()
         pool = await self._dispatcher.dispatch(client, info, event)

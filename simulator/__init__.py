@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from simulator.faults import FaultConfig
     from simulator.server import BackgroundServer, GitHubSimulator, SimStats
     from simulator.state import ApiError, JobView, LabelView, RunnerView, WorkflowJobEvent, WorkflowJobView
-    from simulator.webhooks import DeliveryRecord, signature_256, verify_signature
+    from simulator.webhooks import DeliveryRecord, signature_256
 
 __all__ = [
     "ApiError",
@@ -29,7 +29,6 @@ __all__ = [
     "WorkflowJobEvent",
     "WorkflowJobView",
     "signature_256",
-    "verify_signature",
 ]
 
 _HOME = {
@@ -45,7 +44,6 @@ _HOME = {
     "WorkflowJobView": "simulator.state",
     "DeliveryRecord": "simulator.webhooks",
     "signature_256": "simulator.webhooks",
-    "verify_signature": "simulator.webhooks",
 }
 
 

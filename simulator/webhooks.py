@@ -30,13 +30,6 @@ def signature_256(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def verify_signature(secret: str, body: bytes, header: str | None) -> bool:
-    """Constant-time check of an ``X-Hub-Signature-256`` header against the raw body."""
-    if header is None:
-        return False
-    return hmac.compare_digest(signature_256(secret, body), header)
-
-
 class DeliveryRecord(BaseModel):
     """What happened to one webhook delivery (one ``X-GitHub-Delivery`` id)."""
 
