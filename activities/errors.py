@@ -8,7 +8,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from mayfly.backends import BackendError
-from mayfly.github import GitHubError
+from mayfly.github_errors import GitHubError
 from mayfly.retry import Backoff, retry_delay
 
 GITHUB_BACKOFF = Backoff(base_s=1.0, cap_s=30.0)

@@ -8,7 +8,8 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities.errors import github_failure
-from mayfly.github import AlreadyExists, GitHubClient, GitHubError, JitConfig, RunnerBusy
+from mayfly.github import GitHubClient, JitConfig
+from mayfly.github_errors import AlreadyExists, GitHubError, RunnerBusy
 from mayfly.metrics import record_rate_limit
 from mayfly.models import (
     DeregisterOutcome,

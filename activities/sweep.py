@@ -19,7 +19,8 @@ from activities.errors import backend_failure, github_failure
 from mayfly.backends import BackendError, ContainerBackend, ContainerState
 from mayfly.config import MayflySettings
 from mayfly.dispatch import DispatchUnavailable, JobDispatcher
-from mayfly.github import GitHubClient, GitHubError, RunnerBusy
+from mayfly.github import GitHubClient
+from mayfly.github_errors import GitHubError, RunnerBusy
 from mayfly.models import JobEvent, JobInfo, job_workflow_id, owner_job_of
 
 

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from pydantic import BaseModel, Field
 
 from mayfly.config import GitHubSettings
-
-if TYPE_CHECKING:
-    from mayfly.github_app import TokenSource
-
-API_VERSION = "2022-11-28"
+from mayfly.github_app import StaticToken, TokenSource
+from mayfly.github_errors import (
+    API_VERSION,
+    AlreadyExists,
+    GitHubError,
+    RunnerBusy,
+    response_message,
+    retry_after_of,
+)
 
 
 class Runner(BaseModel):
@@ -62,59 +65,6 @@ PER_PAGE = 100
 OPEN_JOB_STATUSES = ("queued", "waiting")
 
 
-class GitHubError(Exception):
-    """A failed GitHub call. `retryable` tells whether trying again can help."""
-
-    def __init__(self, status: int | None, message: str, *, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after_s = retry_after_s
-
-    @property
-    def retryable(self) -> bool:
-        if self.status is None:  # transport errors and timeouts
-            return True
-        if self.status in (408, 429) or self.status >= 500:
-            return True
-        # 403 is retryable only when GitHub says it is a rate limit.
-        return self.status == 403 and self.retry_after_s is not None
-
-
-class AlreadyExists(GitHubError):
-    pass
-
-
-class RunnerBusy(GitHubError):
-    pass
-
-
-def _retry_after(response: httpx.Response, now: float) -> float | None:
-    header = response.headers.get("retry-after")
-    if header:
-        try:
-            return max(0.0, float(header))
-        except ValueError:
-            try:
-                return max(0.0, parsedate_to_datetime(header).timestamp() - now)
-            except (TypeError, ValueError):
-                return None
-    if response.headers.get("x-ratelimit-remaining") == "0":
-        reset = response.headers.get("x-ratelimit-reset")
-        if reset and reset.isdigit():
-            return max(0.0, int(reset) - now)
-    return None
-
-
-def _message(response: httpx.Response) -> str:
-    try:
-        body: Any = response.json()
-    except ValueError:
-        return response.text[:200]
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return str(body["message"])
-    return response.text[:200]
-
-
 _HINTS = {
     401: "the GitHub token is invalid or expired (github.token)",
     403: "the token lacks permission: repo runners need administration:write, org runners "
@@ -133,9 +83,6 @@ class GitHubClient:
         transport: httpx.AsyncBaseTransport | None = None,
         token_source: TokenSource | None = None,
     ) -> None:
-        # Imported here because github_app needs GitHubError from this module.
-        from mayfly.github_app import StaticToken
-
         if token_source is None:
             if settings.token is None:
                 raise ValueError("github.token is required")
@@ -188,11 +135,11 @@ class GitHubClient:
             self.rate_limit_remaining = int(remaining)
         if response.is_success:
             return response
-        message = f"{method} {path}: HTTP {response.status_code}: {_message(response)}"
+        message = f"{method} {path}: HTTP {response.status_code}: {response_message(response)}"
         hint = _HINTS.get(response.status_code)
         if response.status_code == 401 and not self._static:
             hint = _APP_401_HINT
-        retry_after = _retry_after(response, time.time())
+        retry_after = retry_after_of(response, time.time())
         if hint and not (response.status_code == 403 and retry_after is not None):
             message = f"{message} ({hint})"
         if response.status_code == 409:

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from mayfly.github import API_VERSION, GitHubError, _message, _retry_after
+from mayfly.github_errors import API_VERSION, GitHubError, response_message, retry_after_of
 
 log = logging.getLogger("mayfly.github_app")
 
@@ -249,10 +249,10 @@ class InstallationTokenProvider:
         status = response.status_code
         # GitHub's message is worth keeping (e.g. "'exp' is too far in the future"); a server
         # echoing the credential back is not something to pass on.
-        detail = _message(response).replace(jwt, "<redacted>")
+        detail = response_message(response).replace(jwt, "<redacted>")
         message = f"{what}: HTTP {status}: {detail}"
         hint = _EXCHANGE_HINTS.get(status)
-        retry_after = _retry_after(response, time.time())
+        retry_after = retry_after_of(response, time.time())
         if status == 403 and retry_after is None and "rate limit" in detail.lower():
             retry_after = 60.0  # as GitHubClient: GitHub's advice when a limit gives no Retry-After
         if hint and not (status == 403 and retry_after is not None):

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from mayfly.config import GitHubSettings
-from mayfly.github import GitHubClient, GitHubError
+from mayfly.github import GitHubClient
 from mayfly.github_app import (
     InstallationTokenProvider,
     StaticToken,
@@ -30,6 +30,7 @@ from mayfly.github_app import (
     app_jwt,
     load_private_key,
 )
+from mayfly.github_errors import GitHubError
 from simulator import GitHubSimulator
 
 APP_ID = 424242

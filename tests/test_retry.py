@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from mayfly.config import GitHubSettings
-from mayfly.github import AlreadyExists, GitHubClient, GitHubError, RunnerBusy
+from mayfly.github import GitHubClient
+from mayfly.github_errors import AlreadyExists, GitHubError, RunnerBusy
 from mayfly.retry import MAX_SERVER_REQUESTED_WAIT_S, Backoff, retry_delay
 
 
