@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
@@ -36,11 +37,27 @@ async def _heartbeating(work: Coroutine[Any, Any, T]) -> T:
 
 
 class ContainerActivities:
+    """Spawn runs on the shared queue; wait_exit and terminate run where the ref says.
+
+    A host-bound container (a local process) is reachable only from the host that started
+    it, so its ref names that host's queue; other containers are watched on the shared watch
+    queue. Both are served by workers with slots for thousands of watchers, because a watcher
+    holds its slot for the runner's whole life.
+    """
+
     def __init__(
-        self, backends: Mapping[str, ContainerBackend], sealer: Sealer, *, poll_interval_s: float = 1.0
+        self,
+        backends: Mapping[str, ContainerBackend],
+        sealer: Sealer,
+        *,
+        host_task_queue: str | None = None,
+        watch_task_queue: str | None = None,
+        poll_interval_s: float = 1.0,
     ) -> None:
         self._backends = backends
         self._sealer = sealer
+        self._host_task_queue = host_task_queue
+        self._watch_task_queue = watch_task_queue
         self._poll_interval_s = poll_interval_s
 
     def _backend(self, pool: str) -> ContainerBackend:
@@ -75,7 +92,8 @@ class ContainerActivities:
             raise ApplicationError(
                 redacted(f"{type(error).__name__}: {error}", [jit_config]), type="SpawnFailed"
             ) from None
-        return ContainerRef(pool=spec.pool, name=record.name, backend_id=record.backend_id)
+        queue = self._host_task_queue if backend.host_bound else self._watch_task_queue
+        return ContainerRef(pool=spec.pool, name=record.name, backend_id=record.backend_id, task_queue=queue)
 
     @activity.defn(name="containers.wait_exit")
     async def wait_exit(self, ref: ContainerRef) -> ContainerExit:
@@ -86,6 +104,15 @@ class ContainerActivities:
             except BackendError as error:
                 raise backend_failure(error) from None
             if record is None or record.state is not ContainerState.RUNNING:
+                return ContainerExit(exit_code=record.exit_code if record else None)
+            if record.expires_at is not None and time.time() >= record.expires_at:
+                # Enforced here too, so a runner outlives its max lifetime by one poll at most,
+                # whatever its workflow is doing.
+                activity.logger.warning("terminating %s: it reached its max lifetime", ref.name)
+                try:
+                    record = await backend.terminate(ref.name)
+                except BackendError as error:
+                    raise backend_failure(error) from None
                 return ContainerExit(exit_code=record.exit_code if record else None)
             activity.heartbeat()
             await asyncio.sleep(self._poll_interval_s)
