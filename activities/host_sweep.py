@@ -18,7 +18,7 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.sweep import owner_running
+from activities.owners import owner_running
 from mayfly.backends import BackendError, ContainerBackend, ContainerState
 from mayfly.models import HostSweepReport
 

@@ -10,11 +10,10 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel
 from temporalio import activity
-from temporalio.client import WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError, RPCStatusCode
 
 from activities.errors import backend_failure, github_failure
+from activities.owners import owner_running
 from mayfly.backends import BackendError, ContainerBackend, ContainerState
 from mayfly.config import MayflySettings
 from mayfly.dispatch import DispatchUnavailable, JobDispatcher
@@ -27,16 +26,6 @@ class SweepReport(BaseModel):
     removed: list[str] = []
     busy: list[str] = []
     recovered: list[str] = []
-
-
-async def owner_running(workflow_id: str) -> bool:
-    try:
-        description = await activity.client().get_workflow_handle(workflow_id).describe()
-    except RPCError as error:
-        if error.status == RPCStatusCode.NOT_FOUND:
-            return False
-        raise
-    return description.status == WorkflowExecutionStatus.RUNNING
 
 
 class SweepActivities:
