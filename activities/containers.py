@@ -21,7 +21,7 @@ T = TypeVar("T")
 HEARTBEAT_EVERY_S = 10.0
 
 
-async def _heartbeating(work: Coroutine[Any, Any, T]) -> T:
+async def _heartbeating(work: Coroutine[Any, Any, T], *details: Any) -> T:
     """A GPU sandbox create can block for minutes; heartbeats keep the activity visibly alive
     and let a cancellation reach it."""
     task = asyncio.ensure_future(work)
@@ -30,7 +30,7 @@ async def _heartbeating(work: Coroutine[Any, Any, T]) -> T:
             done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY_S)
             if done:
                 return task.result()
-            activity.heartbeat()
+            activity.heartbeat(*details)
     finally:
         if not task.done():
             task.cancel()
@@ -71,6 +71,18 @@ class ContainerActivities:
     @activity.defn(name="containers.spawn")
     async def spawn(self, spec: ContainerSpec) -> ContainerRef:
         backend = self._backend(spec.pool)
+        queue = self._host_task_queue if backend.host_bound else self._watch_task_queue
+        if backend.host_bound:
+            # An earlier attempt may have started the process on another host, and only that host
+            # can adopt it: starting a second one here would put two runners under one slot.
+            # Each attempt names its host in its heartbeat before it creates anything.
+            earlier = activity.info().heartbeat_details
+            if earlier and isinstance(earlier[0], str) and earlier[0] != queue:
+                activity.logger.warning(
+                    "%s: an earlier attempt ran on %s; leaving it there", spec.name, earlier[0]
+                )
+                return ContainerRef(pool=spec.pool, name=spec.name, backend_id="", task_queue=earlier[0])
+            activity.heartbeat(queue)
         try:
             jit_config = self._sealer.open(spec.jit_config, context=spec.runner_name)
         except SealingError as error:
@@ -83,7 +95,8 @@ class ContainerActivities:
                     job_id=spec.job_id,
                     jit_config=jit_config,
                     max_lifetime_s=spec.max_lifetime_s,
-                )
+                ),
+                *([queue] if backend.host_bound else []),
             )
         except BackendError as error:
             # A provider may echo the environment it was given; the failure lands in history.
@@ -92,7 +105,6 @@ class ContainerActivities:
             raise ApplicationError(
                 redacted(f"{type(error).__name__}: {error}", [jit_config]), type="SpawnFailed"
             ) from None
-        queue = self._host_task_queue if backend.host_bound else self._watch_task_queue
         return ContainerRef(pool=spec.pool, name=record.name, backend_id=record.backend_id, task_queue=queue)
 
     @activity.defn(name="containers.wait_exit")

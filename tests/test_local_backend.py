@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from activities.containers import ContainerActivities
 from mayfly.backends import ContainerState, NameTakenByAnother
 from mayfly.backends.local import LocalProcessBackend
 from mayfly.config import LocalBackendSettings
-from mayfly.models import ContainerRef
+from mayfly.models import ContainerRef, ContainerSpec
 from mayfly.sealing import Sealer
 
 JIT = "c2VjcmV0LWppdC1jb25maWc="
@@ -179,3 +180,38 @@ async def test_the_watcher_terminates_a_runner_past_its_max_lifetime(tmp_path: P
     assert exit.exit_code == -signal.SIGTERM
     assert not alive(pid)
     assert await local.inspect("r-7") is None
+
+
+async def test_a_retried_spawn_leaves_a_process_started_on_another_host_to_that_host(tmp_path: Path) -> None:
+    """Only the host that started a process can adopt it. A spawn retried on another host must
+    not start a second runner under the same slot: it hands back the first host's queue."""
+    local = backend(tmp_path)
+    sealer = Sealer.ephemeral()
+    spec = ContainerSpec(
+        pool="pool",
+        name="r-8",
+        job_id=8,
+        owner_workflow_id="wf",
+        runner_name="r-8",
+        jit_config=sealer.seal(JIT, context="r-8"),
+        max_lifetime_s=60,
+    )
+    here = ContainerActivities(
+        {"pool": local}, sealer, host_task_queue="q-host-b", watch_task_queue="q-watch"
+    )
+    retry = ActivityEnvironment()
+    # The first attempt ran on host a and named it in its heartbeat; this retry runs on host b.
+    retry.info = dataclasses.replace(retry.info, attempt=2, heartbeat_details=["q-host-a"])
+    ref = await retry.run(here.spawn, spec)
+    assert ref.task_queue == "q-host-a"
+    assert await local.list() == [], "no second process on this host"
+
+    first = ActivityEnvironment()
+    heartbeats: list[object] = []
+    first.on_heartbeat = lambda *details: heartbeats.append(details)
+    ref = await first.run(here.spawn, spec)
+    try:
+        assert ref.task_queue == "q-host-b" and ref.backend_id
+        assert heartbeats and heartbeats[0] == ("q-host-b",), "the host is named before anything is created"
+    finally:
+        await local.terminate("r-8")
