@@ -216,11 +216,12 @@ async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
             sealer=sealer_for(settings),
             graceful_shutdown_s=settings.worker_graceful_shutdown_s,
         )
+        # Before this host takes any spawn: slot reclaim must already know the host exists.
+        await start_sweeper(client, settings)
         async with contextlib.AsyncExitStack() as running:
             for worker in workers:
                 await running.enter_async_context(worker)
             await sync_capacities(client, settings)
-            await start_sweeper(client, settings)
             if settings.health_bind_address:
                 host, port = settings.health_bind_address.rsplit(":", 1)
                 health = await serve(health_app(client), host=host, port=int(port))
