@@ -38,6 +38,15 @@ def alive(pid: int) -> bool:
     return status != "Z"
 
 
+async def environ_of(pid: int) -> bytes:
+    """The process's environment, once the kernel has set it up: Popen returns when the exec is
+    past its point of no return, a moment before the new environment is readable."""
+    async with asyncio.timeout(10):
+        while not (environ := Path(f"/proc/{pid}/environ").read_bytes()):  # noqa: ASYNC110 (no event for it)
+            await asyncio.sleep(0.01)
+    return environ
+
+
 async def test_spawn_twice_adopts_and_another_owner_is_refused(tmp_path: Path) -> None:
     local = backend(tmp_path)
     first = await local.spawn(
@@ -67,7 +76,7 @@ async def test_a_restarted_worker_finds_and_terminates_the_process(
     pid = int(record.backend_id)
     assert alive(pid)
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    environ = await environ_of(pid)
     assert JIT.encode() not in cmdline, "the JIT config must never be on a command line"
     assert b"ACTIONS_RUNNER_INPUT_JITCONFIG=" + JIT.encode() in environ
     assert b"ghp_worker_credential" not in environ, "runners must not inherit the worker's credentials"
@@ -147,7 +156,7 @@ async def test_a_runner_gets_a_minimal_environment_and_a_private_home(
     )
     pid = int(record.backend_id)
     try:
-        pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        pairs = (await environ_of(pid)).split(b"\0")
         env = dict(pair.decode().split("=", 1) for pair in pairs if pair)
         assert set(env) <= {
             "PATH",
