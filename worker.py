@@ -22,21 +22,24 @@ from temporalio.worker import Worker
 
 from activities.containers import ContainerActivities
 from activities.github import GitHubActivities
+from activities.host_sweep import HOST_SWEEPER_WORKFLOW, HostSweepActivities, host_sweeper_workflow_id
 from activities.slots import SlotActivities
 from activities.sweep import SweepActivities
 from mayfly import search_attributes
 from mayfly.backends import ContainerBackend
 from mayfly.backends.factory import build_backends
-from mayfly.config import ConfigError, MayflySettings, load_settings_or_report
+from mayfly.config import ConfigError, LocalBackendSettings, MayflySettings, load_settings_or_report
 from mayfly.github import GitHubClient
 from mayfly.github_factory import github_client
+from mayfly.hardening import make_non_dumpable
 from mayfly.health import health_app
 from mayfly.logs import configure_logging
 from mayfly.metrics import prometheus_runtime
-from mayfly.models import SemaphoreInput, semaphore_workflow_id
+from mayfly.models import SemaphoreInput, host_task_queue, semaphore_workflow_id, watch_task_queue
 from mayfly.sealing import Sealer
 from mayfly.serving import serve
 from mayfly.temporal import connect
+from workflows.host_sweeper import HostSweeperInput, HostSweeperWorkflow
 from workflows.runner_job import RunnerJobWorkflow
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
 from workflows.sweeper import (
@@ -75,18 +78,26 @@ def build_workers(
     registration_poll_s: float = 10.0,
     graceful_shutdown_s: float = 30.0,
 ) -> list[Worker]:
-    """The main worker (workflows, containers, slots) and the rate-limited GitHub worker."""
+    """The main worker (workflows, spawns, slots), the rate-limited GitHub worker, and the
+    container watchers: this host's queue for local processes, the shared watch queue for the rest."""
     github_activities = GitHubActivities(
         github, sealer, first_poll_delay_s=registration_poll_s, poll_interval_s=registration_poll_s
     )
-    container_activities = ContainerActivities(backends, sealer)
+    task_queue = settings.temporal.task_queue
+    host_queue = host_task_queue(task_queue, settings.host_id)
+    watch_queue = watch_task_queue(task_queue)
+    container_activities = ContainerActivities(
+        backends, sealer, host_task_queue=host_queue, watch_task_queue=watch_queue
+    )
     slot_activities = SlotActivities(backends)
     sweep_activities = SweepActivities(github, backends, settings)
+    host_sweep_activities = HostSweepActivities(backends)
     shutdown = timedelta(seconds=graceful_shutdown_s)
     main = Worker(
         client,
-        task_queue=settings.temporal.task_queue,
-        workflows=[RunnerJobWorkflow, SlotSemaphoreWorkflow, SweeperWorkflow],
+        task_queue=task_queue,
+        workflows=[RunnerJobWorkflow, SlotSemaphoreWorkflow, SweeperWorkflow, HostSweeperWorkflow],
+        # wait_exit and terminate stay here for refs that name no queue (made before host queues).
         activities=[
             container_activities.spawn,
             container_activities.wait_exit,
@@ -113,13 +124,39 @@ def build_workers(
         max_task_queue_activities_per_second=settings.github.max_calls_per_second,
         graceful_shutdown_timeout=shutdown,
     )
-    return [main, github_worker]
+    workers = [main, github_worker]
+    watchers = [container_activities.wait_exit, container_activities.terminate]
+    # A watcher is a poll and a heartbeat per second, but holds its slot for the runner's life.
+    if any(backend.host_bound for backend in backends.values()):
+        workers.append(
+            Worker(
+                client,
+                task_queue=host_queue,
+                activities=[*watchers, host_sweep_activities.host_containers],
+                max_concurrent_activities=settings.max_watched_containers,
+                graceful_shutdown_timeout=shutdown,
+            )
+        )
+    if not all(backend.host_bound for backend in backends.values()):
+        workers.append(
+            Worker(
+                client,
+                task_queue=watch_queue,
+                activities=watchers,
+                max_concurrent_activities=settings.max_watched_containers,
+                graceful_shutdown_timeout=shutdown,
+            )
+        )
+    return workers
 
 
 async def start_sweeper(client: Client, settings: MayflySettings) -> None:
-    """Start the sweeper, or hand the running one this worker's pool list and interval."""
+    """The shared sweeper (registrations, missed jobs, provider containers) and this host's.
+
+    Every worker start hands the running sweeper its pool list and interval."""
+    local_pools = [pool.name for pool in settings.pools if isinstance(pool.backend, LocalBackendSettings)]
     config = SweeperConfig(
-        pools=[pool.name for pool in settings.pools],
+        pools=[pool.name for pool in settings.pools if pool.name not in local_pools],
         interval_s=settings.sweep_interval_s,
         github_task_queue=settings.temporal.github_task_queue,
     )
@@ -133,6 +170,37 @@ async def start_sweeper(client: Client, settings: MayflySettings) -> None:
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         static_summary="Removes containers and runner registrations that outlived their workflow",
     )
+    if local_pools:
+        await start_host_sweeper(client, settings, local_pools)
+
+
+async def start_host_sweeper(
+    client: Client, settings: MayflySettings, pools: list[str], *, visible_within_s: float = 30.0
+) -> None:
+    task_queue = settings.temporal.task_queue
+    workflow_id = host_sweeper_workflow_id(task_queue, settings.host_id)
+    await client.start_workflow(
+        HostSweeperWorkflow.run,
+        HostSweeperInput(
+            host_id=settings.host_id,
+            host_task_queue=host_task_queue(task_queue, settings.host_id),
+            pools=pools,
+            interval_s=settings.sweep_interval_s,
+        ),
+        id=workflow_id,
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        static_summary=f"Sweeps the local runner processes of host {settings.host_id}",
+    )
+    # Slot reclaim finds hosts through visibility, which may lag a start: a host it cannot see
+    # yet would be left out of its check, so wait until this one is listed.
+    query = f"WorkflowType = '{HOST_SWEEPER_WORKFLOW}' AND WorkflowId = '{workflow_id}'"
+    deadline = asyncio.get_running_loop().time() + visible_within_s
+    while (await client.count_workflows(query)).count == 0:
+        if asyncio.get_running_loop().time() > deadline:
+            log.warning("host sweeper %s is not yet listed by visibility", workflow_id)
+            return
+        await asyncio.sleep(0.2)
 
 
 async def sync_capacities(client: Client, settings: MayflySettings) -> None:
@@ -171,11 +239,12 @@ async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
             sealer=sealer,
             graceful_shutdown_s=settings.worker_graceful_shutdown_s,
         )
+        # Before this host takes any spawn: slot reclaim must already know the host exists.
+        await start_sweeper(client, settings)
         async with contextlib.AsyncExitStack() as running:
             for worker in workers:
                 await running.enter_async_context(worker)
             await sync_capacities(client, settings)
-            await start_sweeper(client, settings)
             if settings.health_bind_address:
                 host, port = settings.health_bind_address.rsplit(":", 1)
                 health = await serve(health_app(client), host=host, port=int(port))
@@ -194,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     if settings is None:
         return 2
     configure_logging(settings.log_format)
+    # Runners may share this host (and, without run_as_user, this uid): keep them out of the
+    # worker's environment and memory, which hold every credential.
+    if not make_non_dumpable():
+        log.warning("could not mark the worker non-dumpable; set run_as_user and keep runners off this uid")
 
     async def _main() -> None:
         stop = asyncio.Event()

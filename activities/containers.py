@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
@@ -10,7 +11,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.errors import backend_failure, redacted
-from mayfly.backends import BackendError, ContainerBackend, ContainerState
+from mayfly.backends import BackendError, ContainerBackend, ContainerRecord, ContainerState
 from mayfly.models import ContainerExit, ContainerRef, ContainerSpec
 from mayfly.sealing import Sealer, SealingError
 
@@ -20,7 +21,7 @@ T = TypeVar("T")
 HEARTBEAT_EVERY_S = 10.0
 
 
-async def _heartbeating(work: Coroutine[Any, Any, T]) -> T:
+async def _heartbeating(work: Coroutine[Any, Any, T], *details: Any) -> T:
     """A GPU sandbox create can block for minutes; heartbeats keep the activity visibly alive
     and let a cancellation reach it."""
     task = asyncio.ensure_future(work)
@@ -29,18 +30,49 @@ async def _heartbeating(work: Coroutine[Any, Any, T]) -> T:
             done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY_S)
             if done:
                 return task.result()
-            activity.heartbeat()
+            activity.heartbeat(*details)
     finally:
         if not task.done():
             task.cancel()
 
 
+async def _running(backend: ContainerBackend, name: str, owner_workflow_id: str) -> ContainerRecord | None:
+    """The container running under `name` for this owner, if any."""
+    try:
+        record = await backend.inspect(name)
+    except BackendError:
+        return None
+    if (
+        record is None
+        or record.state is not ContainerState.RUNNING
+        or record.owner_workflow_id != owner_workflow_id
+    ):
+        return None
+    return record
+
+
 class ContainerActivities:
+    """Spawn runs on the shared queue; wait_exit and terminate run where the ref says.
+
+    A host-bound container (a local process) is reachable only from the host that started
+    it, so its ref names that host's queue; other containers are watched on the shared watch
+    queue. Both are served by workers with slots for thousands of watchers, because a watcher
+    holds its slot for the runner's whole life.
+    """
+
     def __init__(
-        self, backends: Mapping[str, ContainerBackend], sealer: Sealer, *, poll_interval_s: float = 1.0
+        self,
+        backends: Mapping[str, ContainerBackend],
+        sealer: Sealer,
+        *,
+        host_task_queue: str | None = None,
+        watch_task_queue: str | None = None,
+        poll_interval_s: float = 1.0,
     ) -> None:
         self._backends = backends
         self._sealer = sealer
+        self._host_task_queue = host_task_queue
+        self._watch_task_queue = watch_task_queue
         self._poll_interval_s = poll_interval_s
 
     def _backend(self, pool: str) -> ContainerBackend:
@@ -54,6 +86,18 @@ class ContainerActivities:
     @activity.defn(name="containers.spawn")
     async def spawn(self, spec: ContainerSpec) -> ContainerRef:
         backend = self._backend(spec.pool)
+        queue = self._host_task_queue if backend.host_bound else self._watch_task_queue
+        if backend.host_bound:
+            # An earlier attempt may have started the process on another host, and only that host
+            # can adopt it: starting a second one here would put two runners under one slot.
+            # Each attempt names its host in its heartbeat before it creates anything.
+            earlier = activity.info().heartbeat_details
+            if earlier and isinstance(earlier[0], str) and earlier[0] != queue:
+                activity.logger.warning(
+                    "%s: an earlier attempt ran on %s; leaving it there", spec.name, earlier[0]
+                )
+                return ContainerRef(pool=spec.pool, name=spec.name, backend_id="", task_queue=earlier[0])
+            activity.heartbeat(queue)
         try:
             jit_config = self._sealer.open(spec.jit_config, context=spec.runner_name)
         except SealingError as error:
@@ -66,16 +110,27 @@ class ContainerActivities:
                     job_id=spec.job_id,
                     jit_config=jit_config,
                     max_lifetime_s=spec.max_lifetime_s,
-                )
+                ),
+                *([queue] if backend.host_bound else []),
             )
-        except BackendError as error:
-            # A provider may echo the environment it was given; the failure lands in history.
-            raise backend_failure(error, redact=[jit_config]) from None
         except Exception as error:
+            # The provider may have created the container before failing (a lost response): look
+            # before reporting a failure, and adopt what is running under our name.
+            adopted = await _running(backend, spec.name, spec.owner_workflow_id)
+            if adopted is not None:
+                activity.logger.info(
+                    "%s: spawn failed (%s) but the container runs; adopted", spec.name, error
+                )
+                return ContainerRef(
+                    pool=spec.pool, name=adopted.name, backend_id=adopted.backend_id, task_queue=queue
+                )
+            if isinstance(error, BackendError):
+                # A provider may echo the environment it was given; the failure lands in history.
+                raise backend_failure(error, redact=[jit_config]) from None
             raise ApplicationError(
                 redacted(f"{type(error).__name__}: {error}", [jit_config]), type="SpawnFailed"
             ) from None
-        return ContainerRef(pool=spec.pool, name=record.name, backend_id=record.backend_id)
+        return ContainerRef(pool=spec.pool, name=record.name, backend_id=record.backend_id, task_queue=queue)
 
     @activity.defn(name="containers.wait_exit")
     async def wait_exit(self, ref: ContainerRef) -> ContainerExit:
@@ -86,6 +141,15 @@ class ContainerActivities:
             except BackendError as error:
                 raise backend_failure(error) from None
             if record is None or record.state is not ContainerState.RUNNING:
+                return ContainerExit(exit_code=record.exit_code if record else None)
+            if record.expires_at is not None and time.time() >= record.expires_at:
+                # Enforced here too, so a runner outlives its max lifetime by one poll at most,
+                # whatever its workflow is doing.
+                activity.logger.warning("terminating %s: it reached its max lifetime", ref.name)
+                try:
+                    record = await backend.terminate(ref.name)
+                except BackendError as error:
+                    raise backend_failure(error) from None
                 return ContainerExit(exit_code=record.exit_code if record else None)
             activity.heartbeat()
             await asyncio.sleep(self._poll_interval_s)

@@ -9,6 +9,7 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.host_sweep import HostSweepStatus, gone_from_every_host, host_reports
 from mayfly.backends import BackendError, ContainerBackend, ContainerState
 from mayfly.models import DeadHolderCheck, Holder, SemaphoreInput, SlotRequest, semaphore_workflow_id
 
@@ -65,6 +66,9 @@ class SlotActivities:
         still be alive; the slot is only free once that container is confirmed gone.
         """
         dead: list[str] = []
+        backend = self._backends.get(check.pool)
+        # Local processes live on several hosts; this one sees only its own (see host_sweep).
+        hosts: list[HostSweepStatus] | None = None
         for holder in check.holders:
             activity.heartbeat(holder.request.request_id)
             if await self._is_alive(holder):
@@ -74,5 +78,13 @@ class SlotActivities:
             except BackendError as error:
                 activity.logger.warning("cannot yet reclaim %s: %s", holder.request.request_id, error)
                 continue
+            if backend is not None and backend.host_bound:
+                if hosts is None:
+                    hosts = await host_reports(activity.client(), activity.info().task_queue)
+                request = holder.request
+                if not await gone_from_every_host(
+                    activity.client(), hosts, request.holder_workflow_id, request.holder_run_id
+                ):
+                    continue
             dead.append(holder.request.request_id)
         return dead

@@ -13,9 +13,9 @@ from pydantic import BaseModel
 from temporalio import activity
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError, RPCStatusCode
 
 from activities.errors import backend_failure, github_failure
+from activities.owners import owner_running, workflow_status
 from mayfly.backends import BackendError, ContainerBackend, ContainerState
 from mayfly.config import MayflySettings
 from mayfly.dispatch import DispatchUnavailable, JobDispatcher
@@ -30,21 +30,6 @@ class SweepReport(BaseModel):
     busy: list[str] = []
     recovered: list[str] = []
     gave_up: list[str] = []
-
-
-async def workflow_status(workflow_id: str) -> WorkflowExecutionStatus | None:
-    """The status of the workflow's latest run, or None if it never existed (or was deleted)."""
-    try:
-        description = await activity.client().get_workflow_handle(workflow_id).describe()
-    except RPCError as error:
-        if error.status == RPCStatusCode.NOT_FOUND:
-            return None
-        raise
-    return description.status
-
-
-async def owner_running(workflow_id: str) -> bool:
-    return await workflow_status(workflow_id) == WorkflowExecutionStatus.RUNNING
 
 
 class SweepActivities:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -31,6 +32,15 @@ def require_strong_secret(value: SecretStr | None) -> SecretStr | None:
     return value
 
 
+HOST_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+def default_host_id() -> str:
+    """The machine's short hostname, reduced to what a task queue name may carry."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]).strip("-.")
+    return cleaned[:63] or "host"
+
+
 class LocalBackendSettings(BaseModel):
     kind: Literal["local"] = "local"
     # The actions runner reads its JIT config from ACTIONS_RUNNER_INPUT_JITCONFIG, so the
@@ -39,7 +49,13 @@ class LocalBackendSettings(BaseModel):
     command: list[str] = Field(default_factory=lambda: ["./bin/Runner.Listener", "run"], min_length=1)
     workdir: Path | None = None
     state_dir: Path = Path(".mayfly/local-backend")
+    # Only these variables (and PATH, LANG and a private HOME) reach a runner; nothing else of
+    # the worker's environment does.
     env: dict[str, str] = Field(default_factory=dict)
+    # Run runners as this unprivileged user (name or uid). A worker running as root drops to it
+    # in the child (setgid, setgroups([]), setuid); a worker that is not root can only use its
+    # own user. Unset: runners run as the worker's user, which is only safe on a throwaway host.
+    run_as_user: str | None = Field(default=None, min_length=1)
 
 
 RUNNER_VERSION = "2.336.0"
@@ -281,6 +297,13 @@ class MayflySettings(BaseSettings):
     worker_graceful_shutdown_s: float = Field(default=30.0, ge=0)
     # "json" writes one object per line, for log shippers.
     log_format: Literal["text", "json"] = "text"
+    # Names this worker's host queue `<task_queue>-host-<host_id>`, where the local backend's
+    # wait_exit, terminate and container sweeps run, since only this host sees its processes.
+    # Every worker host needs its own; two workers sharing one state_dir on one machine may share it.
+    host_id: str = Field(default_factory=default_host_id, pattern=HOST_ID)
+    # Container-watching activities (one per live runner, a poll and a heartbeat each) run on
+    # their own workers with this many slots, so live runners are not capped by activity slots.
+    max_watched_containers: int = Field(default=5000, ge=1, le=100_000)
     # host:port for the worker's /healthz and /readyz; unset = off.
     health_bind_address: str | None = Field(default=None, pattern=r"^[\w.-]+:\d{1,5}$")
     # host:port for the worker's Prometheus endpoint (SDK and Mayfly metrics); unset = off.

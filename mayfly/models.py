@@ -246,6 +246,10 @@ class ContainerRef(BaseModel):
     pool: str
     name: str
     backend_id: str
+    # Where wait_exit and terminate of this container must run: the owning host's queue for
+    # local processes, the shared watch queue for provider containers. None (refs made before
+    # there were host queues) means the workflow's own task queue.
+    task_queue: str | None = None
 
 
 class ContainerExit(BaseModel):
@@ -274,3 +278,26 @@ def job_workflow_id(job_id: int) -> str:
 
 def semaphore_workflow_id(pool: str) -> str:
     return f"mayfly-slots-{pool}"
+
+
+def host_task_queue(task_queue: str, host_id: str) -> str:
+    """The queue only the worker(s) of one host poll: they alone see that host's runner processes."""
+    return f"{task_queue}-host-{host_id}"
+
+
+def watch_task_queue(task_queue: str) -> str:
+    """Shared by every worker, for watching containers that any worker can reach (Modal)."""
+    return f"{task_queue}-watch"
+
+
+class HostSweepReport(BaseModel):
+    """One host's container sweep, as its host sweeper workflow keeps it for slot reclaim."""
+
+    host_id: str
+    # Server time at which the sweep was scheduled: every record it judged was listed after it.
+    scheduled_at: datetime
+    checked: int = 0
+    removed: list[str] = Field(default_factory=list)
+    # Owners whose workflow had closed but whose containers this sweep could not stop: their
+    # slots must not be reclaimed yet.
+    unremoved_owners: list[str] = Field(default_factory=list)

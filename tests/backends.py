@@ -11,6 +11,10 @@ class DelegatingBackend:
     def __init__(self, inner: ContainerBackend) -> None:
         self._inner = inner
 
+    @property
+    def host_bound(self) -> bool:
+        return self._inner.host_bound
+
     async def spawn(
         self, *, name: str, owner_workflow_id: str, job_id: int, jit_config: str, max_lifetime_s: float
     ) -> ContainerRecord:

@@ -498,6 +498,7 @@ class RunnerJobWorkflow:
                 heartbeat_timeout=timedelta(seconds=30),
                 retry_policy=CLEANUP_RETRY,
                 summary=f"watch {track.name}",
+                task_queue=container.task_queue,
             )
             self._set_phase(JobPhase.REGISTERING, f"`{track.name}` to come online")
             if not await self._confirm_registration(track, minted, exit_task):
@@ -693,6 +694,7 @@ class RunnerJobWorkflow:
                 start_to_close_timeout=timedelta(minutes=2),
                 retry_policy=CLEANUP_RETRY,
                 summary=f"terminate {track.name}",
+                task_queue=ref_to_stop.task_queue,
             )
 
     async def _deregister(self, ref: RunnerRef) -> DeregisterOutcome:

@@ -26,6 +26,9 @@ class ContainerRecord:
     job_id: int
     state: ContainerState
     exit_code: int | None = None
+    # Wall-clock (epoch seconds) after which the container has outlived its max lifetime;
+    # None where the provider enforces the lifetime itself (a Modal sandbox timeout).
+    expires_at: float | None = None
 
 
 class BackendError(Exception):
@@ -41,6 +44,11 @@ class NameTakenByAnother(BackendError):
 
 
 class ContainerBackend(Protocol):
+    # True when only the worker host that spawned a container can see or stop it (local
+    # processes): its wait_exit and terminate must then run on that host's task queue.
+    @property
+    def host_bound(self) -> bool: ...
+
     async def spawn(
         self, *, name: str, owner_workflow_id: str, job_id: int, jit_config: str, max_lifetime_s: float
     ) -> ContainerRecord:
@@ -50,7 +58,8 @@ class ContainerBackend(Protocol):
     async def inspect(self, name: str) -> ContainerRecord | None: ...
 
     async def terminate(self, name: str) -> ContainerRecord | None:
-        """Stop the container and return only once it is confirmed gone (None if it never existed)."""
+        """Stop the container and return only once it is confirmed gone (None if this backend has no
+        record of it: never spawned, or already confirmed gone and forgotten)."""
         ...
 
     async def list(self) -> list[ContainerRecord]:

@@ -51,6 +51,9 @@ def _map_error(error: Exception, action: str) -> BackendError:
 
 
 class ModalBackend:
+    # Any worker reaches a sandbox through Modal's API.
+    host_bound = False
+
     def __init__(self, settings: ModalBackendSettings, pool: str) -> None:
         self._settings = settings
         self._pool = pool

@@ -1,0 +1,100 @@
+"""Live runners per worker are not capped by activity slots (issue 11).
+
+Every live runner has a `containers.wait_exit` activity in flight for its whole life. On the
+worker's shared queue those took the default 100 activity slots, so a 101st runner could not
+even be spawned. They now run on the host queue, whose worker has `max_watched_containers`
+slots. This runs the full job path: 150 long jobs on one worker at cap 150.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.client import Client
+
+from mayfly.backends import ContainerState
+from mayfly.embedded import EmbeddedStack
+from mayfly.models import host_task_queue, job_workflow_id
+
+RUNNERS = 150
+
+
+async def unwatched_jobs(client: Client, job_ids: list[int], host_queue: str) -> dict[int, str]:
+    """Jobs without exactly one exit watcher running on the host queue, with what they have."""
+    unwatched = {}
+    for job_id in job_ids:
+        description = await client.get_workflow_handle(job_workflow_id(job_id)).describe()
+        watchers = [
+            activity
+            for activity in description.raw_description.pending_activities
+            if activity.activity_type.name == "containers.wait_exit"
+        ]
+        started = [
+            activity
+            for activity in watchers
+            if activity.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+            and activity.last_worker_identity
+        ]
+        if len(started) != 1:
+            unwatched[job_id] = (
+                "; ".join(
+                    f"{PendingActivityState.Name(w.state)} attempt {w.attempt} {w.last_failure.message!r}"
+                    for w in watchers
+                )
+                or "no watcher"
+            )
+    return unwatched
+
+
+async def test_150_long_jobs_on_one_worker_are_all_spawned_and_watched(
+    client: Client, task_queue: str, pool_name: str, state_dir: Path
+) -> None:
+    stack = EmbeddedStack(
+        client,
+        state_dir=state_dir,
+        task_queue=task_queue,
+        pool=pool_name,
+        max_runners=RUNNERS,
+        # 150 runner processes start on a small machine: give registration time.
+        registration_timeout_s=600,
+        idle_ttl_s=900,
+        max_lifetime_s=1800,
+        sweep_interval_s=30,
+    )
+    await stack.start()
+    assert stack.settings is not None
+    started = time.monotonic()
+    sim = stack.simulator
+    try:
+        job_ids = stack.queue_jobs(RUNNERS, duration_s=3600)
+        await sim.wait_for(
+            lambda: all(sim.job(job_id).status == "in_progress" for job_id in job_ids),
+            600,
+            description="every job running on its own runner",
+        )
+        all_running_s = time.monotonic() - started
+
+        running = [r for r in await stack.backend.list() if r.state is ContainerState.RUNNING]
+        assert len(running) == RUNNERS, f"{len(running)} runner processes alive"
+        host_queue = host_task_queue(task_queue, stack.settings.host_id)
+        unwatched = await unwatched_jobs(client, job_ids, host_queue)
+        print(f"\n{RUNNERS} runners in progress after {all_running_s:.1f}s; unwatched at first: {unwatched}")
+        # A watcher between a heartbeat timeout and its retry is pending, not started: allow it
+        # to come back, within a deadline.
+        async with asyncio.timeout(120):
+            while unwatched:
+                await asyncio.sleep(1)
+                unwatched = await unwatched_jobs(client, job_ids, host_queue)
+
+        # The watchers work: ending the jobs ends the runners, and every workflow completes.
+        for job_id in job_ids:
+            sim.cancel_job(job_id)
+        async with asyncio.timeout(600):
+            for job_id in job_ids:
+                await client.get_workflow_handle(job_workflow_id(job_id)).result()
+        assert [r for r in await stack.backend.list() if r.state is ContainerState.RUNNING] == []
+    finally:
+        await stack.stop()
