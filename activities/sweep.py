@@ -21,7 +21,7 @@ from mayfly.config import MayflySettings
 from mayfly.dispatch import DispatchUnavailable, JobDispatcher
 from mayfly.github import GitHubClient
 from mayfly.github_errors import GitHubError, RunnerBusy
-from mayfly.models import JobEvent, JobInfo, job_workflow_id, owner_job_of
+from mayfly.models import RUNNER_JOB_WORKFLOW, JobEvent, JobInfo, job_workflow_id, owner_job_of
 
 
 class SweepReport(BaseModel):
@@ -111,7 +111,7 @@ class SweepActivities:
         running = {
             execution.id
             async for execution in client.list_workflows(
-                'WorkflowType = "RunnerJob" AND ExecutionStatus = "Running"'
+                f'WorkflowType = "{RUNNER_JOB_WORKFLOW}" AND ExecutionStatus = "Running"'
             )
         }
         oldest = datetime.now(UTC) - timedelta(seconds=settings.job_deadline_s)

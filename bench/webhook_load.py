@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import hmac
 import json
 import time
 import uuid
 
 import httpx
+
+from mayfly.signing import signature_256
 
 
 def delivery(job_id: int, secret: bytes) -> tuple[bytes, dict[str, str]]:
@@ -36,7 +36,7 @@ def delivery(job_id: int, secret: bytes) -> tuple[bytes, dict[str, str]]:
             "repository": {"full_name": "acme/widgets"},
         }
     ).encode()
-    signature = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+    signature = signature_256(secret, body)
     headers = {
         "X-GitHub-Event": "workflow_job",
         "X-GitHub-Delivery": str(uuid.uuid4()),

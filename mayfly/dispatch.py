@@ -16,8 +16,14 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from mayfly import search_attributes
 from mayfly.config import MayflySettings, PoolSettings
-from mayfly.models import JobEvent, JobInfo, RunnerJobInput, job_workflow_id, owner_job_of
-from workflows.runner_job import RunnerJobWorkflow
+from mayfly.models import (
+    RUNNER_JOB_WORKFLOW,
+    JobEvent,
+    JobInfo,
+    RunnerJobInput,
+    job_workflow_id,
+    owner_job_of,
+)
 
 # Well inside GitHub's 10 s delivery timeout.
 RPC_TIMEOUT = timedelta(seconds=5)
@@ -86,7 +92,8 @@ class JobDispatcher:
         labels = ", ".join(job.labels)
         try:
             await client.start_workflow(
-                RunnerJobWorkflow.run,
+                # By name: the core knows the workflow's contract (its name and input), not its code.
+                RUNNER_JOB_WORKFLOW,
                 self.workflow_input(job, pool),
                 id=job_workflow_id(job.job_id),
                 task_queue=self._settings.temporal.task_queue,

@@ -272,6 +272,10 @@ def owner_job_of(runner_name: str, prefix: str) -> int | None:
     return int(match["job_id"])
 
 
+# Workflow type names, shared by the workflows and the code that starts them by name.
+RUNNER_JOB_WORKFLOW = "RunnerJob"
+
+
 def job_workflow_id(job_id: int) -> str:
     return f"mayfly-job-{job_id}"
 

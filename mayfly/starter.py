@@ -8,25 +8,25 @@ or a container provider, so it answers well within GitHub's 10 s delivery timeou
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import re
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Annotated
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import Counter as PromCounter
 from pydantic import BaseModel, Field, StringConstraints, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from temporalio.client import Client
 
 from mayfly.config import ConfigError, MayflySettings
 from mayfly.dispatch import DispatchRejected, DispatchUnavailable, JobDispatcher
 from mayfly.models import JobEvent, JobInfo
+from mayfly.signing import signature_matches
 
 log = logging.getLogger("mayfly.starter")
 
@@ -90,13 +90,6 @@ def json_depth_exceeds(body: bytes, limit: int) -> bool:
 ClientProvider = Callable[[], Awaitable[Client]]
 
 
-def signature_matches(secret: bytes, body: bytes, header: str | None) -> bool:
-    if not header or not header.startswith("sha256="):
-        return False
-    expected = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected.encode(), header.encode())
-
-
 def _answer(status: int, message: str, **extra: object) -> JSONResponse:
     return JSONResponse({"message": message, **extra}, status_code=status)
 
@@ -111,7 +104,14 @@ class WebhookStarter:
         self._secret = settings.github.webhook_secret.get_secret_value().encode()
         self._client_provider = client_provider
         self._dispatcher = JobDispatcher(settings)
-        self.counters: Counter[str] = Counter()
+        # Its own registry: several starters may share a process (the tests, the dev stack).
+        self.registry = CollectorRegistry()
+        self._deliveries = PromCounter(
+            "mayfly_webhook_deliveries", "Webhook deliveries by outcome", ["outcome"], registry=self.registry
+        )
+
+    def _count(self, outcome: str) -> None:
+        self._deliveries.labels(outcome).inc()
 
     async def _client(self) -> Client:
         try:
@@ -138,16 +138,16 @@ class WebhookStarter:
             async with asyncio.timeout(self._settings.starter.read_timeout_s):
                 body = await self._read_body(request)
         except TimeoutError:
-            self.counters["rejected_slow_body"] += 1
+            self._count("rejected_slow_body")
             return _answer(408, "request body not received in time")
         except ClientDisconnect:
-            self.counters["rejected_disconnected"] += 1
+            self._count("rejected_disconnected")
             return _answer(400, "client went away before the body was complete")
         if body is None:
-            self.counters["rejected_too_large"] += 1
+            self._count("rejected_too_large")
             return _answer(413, f"body exceeds {self._settings.starter.max_body_bytes} bytes")
         if not signature_matches(self._secret, body, request.headers.get("x-hub-signature-256")):
-            self.counters["rejected_signature"] += 1
+            self._count("rejected_signature")
             return _answer(401, "missing or invalid X-Hub-Signature-256")
         # From here on the sender holds the secret; still, nothing it sends is echoed back or
         # becomes a metrics label (the counters' keys are a fixed set).
@@ -155,15 +155,15 @@ class WebhookStarter:
         if event == "ping":
             return _answer(200, "pong")
         if event != "workflow_job":
-            self.counters["ignored_event"] += 1
+            self._count("ignored_event")
             return _answer(202, "only workflow_job events are handled; event ignored")
         if json_depth_exceeds(body, MAX_JSON_DEPTH):
-            self.counters["rejected_malformed"] += 1
+            self._count("rejected_malformed")
             return _answer(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         try:
             payload = WorkflowJobWebhook.model_validate_json(body)
         except ValidationError as error:
-            self.counters["rejected_malformed"] += 1
+            self._count("rejected_malformed")
             first = error.errors(include_url=False, include_input=False, include_context=False)[0]
             if first["type"] == "json_invalid":
                 return _answer(400, "body is not valid UTF-8 JSON")
@@ -171,23 +171,23 @@ class WebhookStarter:
             field = ".".join(str(part) for part in first["loc"])
             return _answer(400, f"field {field}: {first['msg'][:200]}", field=field)
         if payload.action not in _JOB_ACTIONS:
-            self.counters["ignored_action"] += 1
+            self._count("ignored_action")
             return _answer(202, "action ignored")
         delivery = request.headers.get("x-github-delivery", "")
         try:
             return await self._dispatch(payload, delivery if _DELIVERY_ID.match(delivery) else "?")
         except DispatchRejected as error:
-            self.counters["rejected_by_temporal"] += 1
+            self._count("rejected_by_temporal")
             log.warning("Temporal rejected job %s as invalid: %s", payload.workflow_job.id, error)
             return _answer(400, "Temporal rejected this event as invalid")
         except DispatchUnavailable as error:
-            self.counters["temporal_unavailable"] += 1
+            self._count("temporal_unavailable")
             log.warning("Temporal unavailable, asking GitHub to redeliver: %s", error)
             return _answer(503, "Temporal is unavailable; redeliver this event later")
         except Exception:
             # Whatever else went wrong, it is on this side: GitHub may redeliver, and a 500
             # would say nothing more.
-            self.counters["temporal_unavailable"] += 1
+            self._count("temporal_unavailable")
             log.exception("dispatch of job %s failed", payload.workflow_job.id)
             return _answer(503, "the event could not be handed to Temporal; redeliver it later")
 
@@ -210,23 +210,16 @@ class WebhookStarter:
         client = await self._client()
         pool = await self._dispatcher.dispatch(client, info, event)
         if pool is None:
-            self.counters["ignored_no_pool"] += 1
+            self._count("ignored_no_pool")
             log.info("job %s labels %s match no pool; ignored", job.id, job.labels)
             return _answer(202, "no pool serves these labels")
-        self.counters[f"accepted:{payload.action}"] += 1  # one of _JOB_ACTIONS
+        self._count(f"accepted:{payload.action}")  # one of _JOB_ACTIONS
         log.info("delivery %s: job %s %s -> pool %s", delivery, job.id, payload.action, pool)
         return _answer(200, "accepted")
 
-    async def metrics(self, request: Request) -> PlainTextResponse:
+    async def metrics(self, request: Request) -> Response:
         """The starter's counters in Prometheus text format."""
-        lines = [
-            "# HELP mayfly_webhook_deliveries_total Webhook deliveries by outcome",
-            "# TYPE mayfly_webhook_deliveries_total counter",
-        ]
-        for outcome, count in sorted(self.counters.items()):
-            label = outcome.replace("\\", "\\\\").replace('"', '\\"')
-            lines.append(f'mayfly_webhook_deliveries_total{{outcome="{label}"}} {count}')
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(self, request: Request) -> JSONResponse:
         return _answer(200, "ok")

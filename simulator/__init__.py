@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from simulator.faults import FaultConfig
     from simulator.server import BackgroundServer, GitHubSimulator, SimStats
     from simulator.state import ApiError, JobView, LabelView, RunnerView, WorkflowJobEvent, WorkflowJobView
-    from simulator.webhooks import DeliveryRecord, signature_256
+    from simulator.webhooks import DeliveryRecord
 
 __all__ = [
     "ApiError",
@@ -28,7 +28,6 @@ __all__ = [
     "SimStats",
     "WorkflowJobEvent",
     "WorkflowJobView",
-    "signature_256",
 ]
 
 _HOME = {
@@ -43,7 +42,6 @@ _HOME = {
     "WorkflowJobEvent": "simulator.state",
     "WorkflowJobView": "simulator.state",
     "DeliveryRecord": "simulator.webhooks",
-    "signature_256": "simulator.webhooks",
 }
 
 

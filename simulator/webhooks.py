@@ -7,8 +7,6 @@ receiver can never stall the simulated GitHub API (GitHub behaves the same way).
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import uuid
 from collections.abc import Callable
@@ -18,16 +16,12 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel
 
+from mayfly.signing import signature_256
 from simulator.faults import FaultConfig
 
 DeliveryState = Literal["pending", "delivered", "failed", "dropped", "undelivered"]
 
 WEBHOOK_TIMEOUT_S = 10.0
-
-
-def signature_256(secret: str, body: bytes) -> str:
-    """The ``X-Hub-Signature-256`` value GitHub would send for ``body``."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 class DeliveryRecord(BaseModel):
@@ -160,7 +154,7 @@ class WebhookSender:
             "X-GitHub-Hook-ID": str(self.hook_id),
             "X-GitHub-Hook-Installation-Target-Type": "repository",
             "X-GitHub-Hook-Installation-Target-ID": str(self.target_id),
-            "X-Hub-Signature-256": signature_256(self.secret, item.body),
+            "X-Hub-Signature-256": signature_256(self.secret.encode(), item.body),
             "User-Agent": "GitHub-Hookshot/sim",
             "Content-Type": "application/json",
         }

@@ -26,7 +26,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from simulator import ApiError, BackgroundServer, FaultConfig, GitHubSimulator, signature_256
+from mayfly.signing import signature_256
+from simulator import ApiError, BackgroundServer, FaultConfig, GitHubSimulator
 from simulator import runner as runner_program
 from simulator.jitconfig import decode as decode_jit
 from simulator.jitconfig import encode as encode_jit
@@ -691,7 +692,7 @@ async def test_failed_and_undelivered_webhooks(
 
 def test_signature_matches_github_test_vector() -> None:
     expected = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
-    assert signature_256("It's a Secret to Everybody", b"Hello, World!") == expected
+    assert signature_256(b"It's a Secret to Everybody", b"Hello, World!") == expected
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from temporalio.service import RPCError, RPCStatusCode
 from mayfly.config import ConfigError, GitHubSettings, MayflySettings, PoolSettings, TemporalSettings
 from mayfly.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.models import RunnerJobResult, job_workflow_id
-from mayfly.starter import MAX_JSON_DEPTH, create_starter_app, json_depth_exceeds, signature_matches
+from mayfly.signing import signature_matches
+from mayfly.starter import MAX_JSON_DEPTH, create_starter_app, json_depth_exceeds
 
 # GitHub's documented test vector uses this (short) secret; settings need 32 bytes or more.
 GITHUB_EXAMPLE_SECRET = "It's a Secret to Everybody"

@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.github import GitHubActivities
     from mayfly import metrics, search_attributes
     from mayfly.models import (
+        RUNNER_JOB_WORKFLOW,
         ContainerExit,
         ContainerRef,
         ContainerSpec,
@@ -101,7 +102,7 @@ class _ContinueAsNew(Exception):
     """Raised where the history is long enough, caught where no slot or runner is held."""
 
 
-@workflow.defn(name="RunnerJob")
+@workflow.defn(name=RUNNER_JOB_WORKFLOW)
 class RunnerJobWorkflow:
     @workflow.init
     def __init__(self, params: RunnerJobInput) -> None:
