@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
-import os
 import resource
 import statistics
 import sys
@@ -29,6 +28,7 @@ from activities.slots import SlotActivities
 from bench.cpu import dev_server_cpu_s
 from mayfly.devserver import local_environment
 from mayfly.models import SlotGrant, semaphore_workflow_id
+from mayfly.process import exit_now
 from tests.slot_holder import HolderInput
 from workflows.slot_lease import SlotLease
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
@@ -174,4 +174,4 @@ if __name__ == "__main__":
     asyncio.run(main())
     sys.stdout.flush()
     # Skips interpreter finalisation, where the SDK's native runtime can abort (sdk-python#300).
-    os._exit(0)
+    exit_now(0)

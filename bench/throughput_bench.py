@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import secrets
 import sys
 import tempfile
@@ -30,11 +29,12 @@ import httpx
 from temporalio.client import Client
 
 from bench.phases import job_timeline
+from mayfly.app.embedded import DEMO_LABELS, SIMULATED_RUNNER, EmbeddedStack
 from mayfly.backends.local import LocalProcessBackend
 from mayfly.config import LocalBackendSettings
 from mayfly.devserver import local_environment
-from mayfly.embedded import DEMO_LABELS, SIMULATED_RUNNER, EmbeddedStack
 from mayfly.models import RunnerJobResult, job_workflow_id
+from mayfly.process import exit_now
 from simulator import FaultConfig, GitHubSimulator
 
 
@@ -218,4 +218,4 @@ async def main() -> None:
 if __name__ == "__main__":
     asyncio.run(main())
     sys.stdout.flush()
-    os._exit(0)  # skip interpreter finalisation, where the SDK runtime can abort (sdk-python#300)
+    exit_now(0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import secrets
 import sys
 import uuid
@@ -21,10 +20,11 @@ import uuid
 from temporalio.client import Client
 
 from bench.cpu import children_cpu_s, dev_server_cpu_s, own_cpu_s
+from mayfly.app.starter import create_starter_app
 from mayfly.config import GitHubSettings, MayflySettings, PoolSettings, TemporalSettings
 from mayfly.devserver import local_environment
+from mayfly.process import exit_now
 from mayfly.serving import serve
-from mayfly.starter import create_starter_app
 
 
 async def main() -> None:
@@ -87,4 +87,4 @@ async def main() -> None:
 if __name__ == "__main__":
     asyncio.run(main())
     sys.stdout.flush()
-    os._exit(0)  # skip interpreter finalisation, where the SDK runtime can abort (sdk-python#300)
+    exit_now(0)

@@ -10,8 +10,8 @@ import pytest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
+from mayfly.app.embedded import EmbeddedStack
 from mayfly.devserver import local_environment
-from mayfly.embedded import EmbeddedStack
 
 CAN_EVENTS = 300
 

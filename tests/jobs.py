@@ -7,8 +7,8 @@ from collections.abc import Awaitable, Callable
 
 from temporalio.client import WorkflowHandle
 
+from mayfly.app.embedded import EmbeddedStack
 from mayfly.backends import ContainerState
-from mayfly.embedded import EmbeddedStack
 from mayfly.models import JobPhase, RunnerJobState, job_workflow_id
 from workflows.runner_job import RunnerJobWorkflow
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from temporalio.client import Client, WorkflowFailureError
 
+from mayfly.app.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.devserver import local_environment
-from mayfly.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.models import JobPhase, RunnerJobState, job_workflow_id, semaphore_workflow_id
 from simulator import FaultConfig
 from workflows.sweeper import sweeper_workflow_id

@@ -19,8 +19,8 @@ from pathlib import Path
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.exceptions import CancelledError
 
+from mayfly.app.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.backends import BackendError, ContainerBackend, ContainerRecord, ContainerState
-from mayfly.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.models import JobPhase, RunnerJobResult, job_workflow_id
 from simulator import ApiError, FaultConfig
 from tests.backends import DelegatingBackend

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client, WorkflowExecutionStatus
 
+from mayfly.app.embedded import EmbeddedStack
 from mayfly.backends import ContainerState
-from mayfly.embedded import EmbeddedStack
 from tests.probe import ConcurrencyProbe
 
 CAP = 3

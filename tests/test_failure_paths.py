@@ -10,14 +10,14 @@ import pytest
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError, CancelledError
 
+from mayfly.app.embedded import DEMO_LABELS, EmbeddedStack
+from mayfly.app.wiring import start_sweeper
 from mayfly.backends.local import LocalProcessBackend
 from mayfly.config import LocalBackendSettings
-from mayfly.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.github import GitHubClient
 from mayfly.models import JobPhase, job_workflow_id
 from simulator import FaultConfig
 from tests.jobs import in_phase, job_handle, nothing_left, until
-from worker import start_sweeper
 from workflows.sweeper import SweeperWorkflow, sweeper_workflow_id
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]

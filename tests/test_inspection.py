@@ -10,7 +10,7 @@ from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import Client, WorkflowHandle
 
 from mayfly import search_attributes
-from mayfly.embedded import EmbeddedStack
+from mayfly.app.embedded import EmbeddedStack
 from mayfly.models import JobPhase, RunnerJobState, job_workflow_id
 from workflows.runner_job import RunnerJobWorkflow
 

@@ -13,8 +13,8 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError, CancelledError
 
+from mayfly.app.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.backends import ContainerBackend, ContainerRecord, ContainerState
-from mayfly.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.models import JobPhase, RunnerJobResult, job_workflow_id
 from simulator import FaultConfig
 from tests.backends import DelegatingBackend

@@ -15,8 +15,8 @@ from pathlib import Path
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client
 
+from mayfly.app.embedded import EmbeddedStack
 from mayfly.backends import ContainerState
-from mayfly.embedded import EmbeddedStack
 from mayfly.models import host_task_queue, job_workflow_id
 
 RUNNERS = 150

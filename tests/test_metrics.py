@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 from temporalio.client import Client
 
-from mayfly.embedded import EmbeddedStack
+from mayfly.app.embedded import EmbeddedStack
 from mayfly.metrics import prometheus_runtime
 from mayfly.temporal import DATA_CONVERTER
 

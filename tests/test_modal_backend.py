@@ -11,10 +11,10 @@ import pytest
 from grpclib import Status
 from temporalio.client import Client, WorkflowExecutionStatus
 
+from mayfly.app.embedded import EmbeddedStack
 from mayfly.backends import BackendError, ContainerState, NameTakenByAnother
 from mayfly.backends.modal import ModalBackend, ModalCapacityError, ModalConfigError
 from mayfly.config import ModalBackendSettings
-from mayfly.embedded import EmbeddedStack
 from tests.fake_modal import FakeModal, FakeSandbox, serve_fake_modal
 from tests.probe import ConcurrencyProbe
 

@@ -71,7 +71,7 @@ def test_the_wheel_holds_the_product_and_not_the_simulator_or_tests(tmp_path: Pa
     print(f"\n{wheel.name}: {len(names)} files, top level {sorted(top_level)}")
     assert top_level == {"mayfly", "workflows", "activities", "worker.py"}
     assert not [name for name in names if name.startswith(("simulator/", "tests/", "bench/"))]
-    assert "mayfly/cli.py" in names and "workflows/runner_job.py" in names
+    assert "mayfly/app/cli.py" in names and "workflows/runner_job.py" in names
 
     # Inside the wheel only the dev stack imports the simulator, and nothing imports a dev tool.
     importers: dict[str, set[str]] = {}
@@ -90,7 +90,7 @@ def test_the_wheel_holds_the_product_and_not_the_simulator_or_tests(tmp_path: Pa
                 )
                 for module in modules:
                     importers.setdefault(module.split(".")[0], set()).add(name)
-    assert importers.get("simulator", set()) == {"mayfly/embedded.py"}
+    assert importers.get("simulator", set()) == {"mayfly/app/embedded.py"}
     for tool in ("tests", "pytest", "hypothesis", "yaml"):
         assert tool not in importers, (tool, importers.get(tool))
 

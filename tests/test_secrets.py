@@ -20,13 +20,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from temporalio.api.history.v1 import History
 from temporalio.client import Client
 
+from mayfly.app.embedded import EmbeddedStack
+from mayfly.app.wiring import sealer_for
 from mayfly.backends import BackendError, ContainerBackend, ContainerRecord
 from mayfly.config import ConfigError, GitHubSettings, MayflySettings, PoolSettings
-from mayfly.embedded import EmbeddedStack
 from mayfly.models import job_workflow_id, semaphore_workflow_id
 from mayfly.sealing import Sealer, SealingError
 from tests.backends import DelegatingBackend
-from worker import sealer_for
 
 
 class LeakyBackend(DelegatingBackend):
@@ -106,10 +106,10 @@ ROOT = Path(__file__).resolve().parent.parent
 STRONG = "0123456789abcdef0123456789abcdef"  # 32 bytes
 ENTRY_POINTS = {
     "worker.py": [sys.executable, str(ROOT / "worker.py")],
-    "mayfly worker": [sys.executable, "-m", "mayfly.cli", "worker"],
-    "mayfly starter": [sys.executable, "-m", "mayfly.cli", "starter"],
-    "mayfly setup": [sys.executable, "-m", "mayfly.cli", "setup"],
-    "mayfly status": [sys.executable, "-m", "mayfly.cli", "status"],
+    "mayfly worker": [sys.executable, "-m", "mayfly.app.cli", "worker"],
+    "mayfly starter": [sys.executable, "-m", "mayfly.app.cli", "starter"],
+    "mayfly setup": [sys.executable, "-m", "mayfly.app.cli", "setup"],
+    "mayfly status": [sys.executable, "-m", "mayfly.app.cli", "status"],
 }
 MINIMAL_CONFIG = """
 [github]

@@ -14,11 +14,11 @@ import pytest
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from mayfly.app.embedded import DEMO_LABELS, EmbeddedStack
+from mayfly.app.starter import MAX_JSON_DEPTH, create_starter_app, json_depth_exceeds
 from mayfly.config import ConfigError, GitHubSettings, MayflySettings, PoolSettings, TemporalSettings
-from mayfly.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.models import RunnerJobResult, job_workflow_id
 from mayfly.signing import signature_matches
-from mayfly.starter import MAX_JSON_DEPTH, create_starter_app, json_depth_exceeds
 
 # GitHub's documented test vector uses this (short) secret; settings need 32 bytes or more.
 GITHUB_EXAMPLE_SECRET = "It's a Secret to Everybody"

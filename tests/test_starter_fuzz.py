@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from mayfly.app.starter import create_starter_app
 from mayfly.config import MayflySettings, StarterSettings
 from mayfly.devserver import local_environment
 from mayfly.models import job_workflow_id
 from mayfly.serving import RunningServer, ServerLimits, serve
-from mayfly.starter import create_starter_app
 from tests.test_starter import job_payload, sign
 from tests.test_starter import settings as starter_settings
 

@@ -17,9 +17,9 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus
 
+from mayfly.app.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.backends.local import LocalProcessBackend
 from mayfly.config import LocalBackendSettings
-from mayfly.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.models import host_task_queue, job_workflow_id
 from tests.probe import ConcurrencyProbe
 from tests.test_metrics import free_port

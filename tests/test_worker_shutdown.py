@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 from temporalio.client import Client
 
-from mayfly.embedded import DEMO_LABELS, SIMULATED_RUNNER, EmbeddedStack
+from mayfly.app.embedded import DEMO_LABELS, SIMULATED_RUNNER, EmbeddedStack
 from tests.test_metrics import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

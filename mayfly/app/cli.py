@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -21,22 +20,15 @@ from temporalio.client import Client
 from mayfly.config import ConfigError, MayflySettings, load_settings_or_report
 from mayfly.logs import configure_logging
 from mayfly.models import SemaphoreStatus, semaphore_workflow_id
+from mayfly.process import exit_now, stop_on_signals
 from mayfly.temporal import connect
 
 log = logging.getLogger("mayfly")
 
 
-def _stop_event() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
-
-
 async def _dev(args: argparse.Namespace) -> int:
     try:
-        from mayfly.embedded import EmbeddedStack
+        from mayfly.app.embedded import EmbeddedStack
     except ModuleNotFoundError as error:
         if error.name != "simulator":
             raise
@@ -46,7 +38,7 @@ async def _dev(args: argparse.Namespace) -> int:
     from mayfly.devserver import DevServer
 
     state_dir: Path = args.state_dir
-    stop = _stop_event()
+    stop = stop_on_signals()
     server = DevServer(
         db_file=state_dir / "temporal.db",
         port=args.temporal_port,
@@ -120,8 +112,8 @@ async def _setup(settings: MayflySettings) -> int:
 
 
 async def _starter(settings: MayflySettings) -> int:
+    from mayfly.app.starter import create_starter_app
     from mayfly.serving import ServerLimits, serve
-    from mayfly.starter import create_starter_app
 
     client: Client | None = None
 
@@ -134,7 +126,7 @@ async def _starter(settings: MayflySettings) -> int:
     # by name, instead of turning every delivery into a 503. Once connected, the client
     # reconnects by itself and a Temporal outage is a 503 that GitHub can redeliver.
     client = await connect(settings.temporal)
-    stop = _stop_event()
+    stop = stop_on_signals()
     server = await serve(
         app,
         host=settings.starter.host,
@@ -176,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dev":
         return asyncio.run(_dev(args))
     if args.command == "worker":
-        import worker
+        from mayfly.app import wiring
 
-        worker.exit_now(worker.main(["--config", str(args.config)] if args.config else []))
+        exit_now(wiring.main(["--config", str(args.config)] if args.config else []))
     settings = load_settings_or_report(args.config)
     if settings is None:
         return 2
@@ -186,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     code = _run_client_command(args.command, settings)
     # These commands have used the SDK's native runtime, which can abort at interpreter
     # shutdown (sdk-python#300) and replace the exit status: leave without finalising.
-    import worker
-
-    worker.exit_now(code)
+    exit_now(code)
     return code
 
 

@@ -20,6 +20,8 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
+from mayfly.app.starter import create_starter_app
+from mayfly.app.wiring import build_workers, start_sweeper
 from mayfly.backends import ContainerBackend
 from mayfly.backends.local import LocalProcessBackend
 from mayfly.config import (
@@ -35,9 +37,7 @@ from mayfly.github_factory import github_client
 from mayfly.models import SemaphoreStatus, job_workflow_id, semaphore_workflow_id
 from mayfly.sealing import Sealer
 from mayfly.serving import RunningServer, serve
-from mayfly.starter import create_starter_app
 from simulator import FaultConfig, GitHubSimulator
-from worker import build_workers, start_sweeper
 
 DEMO_POOL = "demo"
 DEMO_APP_ID = 424242

@@ -28,7 +28,7 @@ from mayfly.dispatch import DispatchRejected, DispatchUnavailable, JobDispatcher
 from mayfly.models import JobEvent, JobInfo
 from mayfly.signing import signature_matches
 
-log = logging.getLogger("mayfly.starter")
+log = logging.getLogger("mayfly.app.starter")
 
 _JOB_ACTIONS = ("queued", "waiting", "in_progress", "completed")
 # GitHub's payloads nest about six deep. The bound is checked before parsing, so a hostile

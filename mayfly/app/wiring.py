@@ -1,0 +1,280 @@
+"""The worker's wiring: which workflows and activities run on which task queue, and the
+background workflows (sweepers, semaphores) a worker start brings up to date.
+
+`worker.py` and `mayfly worker` run `main`; the dev stack builds the same workers in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.worker import Worker
+
+from activities.containers import ContainerActivities
+from activities.github import GitHubActivities
+from activities.host_sweep import HOST_SWEEPER_WORKFLOW, HostSweepActivities, host_sweeper_workflow_id
+from activities.slots import SlotActivities
+from activities.sweep import SweepActivities
+from mayfly import search_attributes
+from mayfly.backends import ContainerBackend
+from mayfly.backends.factory import build_backends
+from mayfly.config import ConfigError, LocalBackendSettings, MayflySettings, load_settings_or_report
+from mayfly.github import GitHubClient
+from mayfly.github_factory import github_client
+from mayfly.hardening import make_non_dumpable
+from mayfly.health import health_app
+from mayfly.logs import configure_logging
+from mayfly.metrics import prometheus_runtime
+from mayfly.models import SemaphoreInput, host_task_queue, semaphore_workflow_id, watch_task_queue
+from mayfly.process import stop_on_signals
+from mayfly.sealing import Sealer
+from mayfly.serving import serve
+from mayfly.temporal import connect
+from workflows.host_sweeper import HostSweeperInput, HostSweeperWorkflow
+from workflows.runner_job import RunnerJobWorkflow
+from workflows.slot_semaphore import SlotSemaphoreWorkflow
+from workflows.sweeper import (
+    CONFIGURE_SIGNAL,
+    SweeperConfig,
+    SweeperInput,
+    SweeperWorkflow,
+    sweeper_workflow_id,
+)
+
+log = logging.getLogger("mayfly.worker")
+
+
+def sealer_for(settings: MayflySettings) -> Sealer:
+    """The sealer every worker shares. Only the single-process dev stack may do without a
+    configured key: a key each worker made up would let one worker's sealed JIT config fail
+    to open on the next."""
+    if settings.secret_key is None:
+        raise ConfigError(
+            "secret_key: required for a worker (MAYFLY_SECRET_KEY, at least 32 bytes, the same on every "
+            "worker); generate one with `openssl rand -hex 32`"
+        )
+    return Sealer.from_secrets(
+        settings.secret_key.get_secret_value(),
+        [key.get_secret_value() for key in settings.previous_secret_keys],
+    )
+
+
+def build_workers(
+    client: Client,
+    settings: MayflySettings,
+    *,
+    github: GitHubClient,
+    backends: Mapping[str, ContainerBackend],
+    sealer: Sealer,
+    registration_poll_s: float = 10.0,
+    graceful_shutdown_s: float = 30.0,
+) -> list[Worker]:
+    """The main worker (workflows, spawns, slots), the rate-limited GitHub worker, and the
+    container watchers: this host's queue for local processes, the shared watch queue for the rest."""
+    github_activities = GitHubActivities(
+        github, sealer, first_poll_delay_s=registration_poll_s, poll_interval_s=registration_poll_s
+    )
+    task_queue = settings.temporal.task_queue
+    host_queue = host_task_queue(task_queue, settings.host_id)
+    watch_queue = watch_task_queue(task_queue)
+    container_activities = ContainerActivities(
+        backends, sealer, host_task_queue=host_queue, watch_task_queue=watch_queue
+    )
+    slot_activities = SlotActivities(backends)
+    sweep_activities = SweepActivities(github, backends, settings)
+    host_sweep_activities = HostSweepActivities(backends)
+    shutdown = timedelta(seconds=graceful_shutdown_s)
+    main = Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[RunnerJobWorkflow, SlotSemaphoreWorkflow, SweeperWorkflow, HostSweeperWorkflow],
+        # wait_exit and terminate stay here for refs that name no queue (made before host queues).
+        activities=[
+            container_activities.spawn,
+            container_activities.wait_exit,
+            container_activities.terminate,
+            slot_activities.request,
+            slot_activities.reclaim_dead_holders,
+            sweep_activities.containers,
+            # Waits ten seconds before its first call and is usually cancelled by then; on the
+            # rate-limited queue each start would spend a mint's share of the budget.
+            github_activities.wait_online,
+        ],
+        graceful_shutdown_timeout=shutdown,
+    )
+    github_worker = Worker(
+        client,
+        task_queue=settings.temporal.github_task_queue,
+        activities=[
+            github_activities.mint_runner,
+            github_activities.deregister_runner,
+            github_activities.job_status,
+            sweep_activities.registrations,
+            sweep_activities.queued_jobs,
+        ],
+        max_task_queue_activities_per_second=settings.github.max_calls_per_second,
+        graceful_shutdown_timeout=shutdown,
+    )
+    workers = [main, github_worker]
+    watchers = [container_activities.wait_exit, container_activities.terminate]
+    # A watcher is a poll and a heartbeat per second, but holds its slot for the runner's life.
+    if any(backend.host_bound for backend in backends.values()):
+        workers.append(
+            Worker(
+                client,
+                task_queue=host_queue,
+                activities=[*watchers, host_sweep_activities.host_containers],
+                max_concurrent_activities=settings.max_watched_containers,
+                graceful_shutdown_timeout=shutdown,
+            )
+        )
+    if not all(backend.host_bound for backend in backends.values()):
+        workers.append(
+            Worker(
+                client,
+                task_queue=watch_queue,
+                activities=watchers,
+                max_concurrent_activities=settings.max_watched_containers,
+                graceful_shutdown_timeout=shutdown,
+            )
+        )
+    return workers
+
+
+async def start_sweeper(client: Client, settings: MayflySettings) -> None:
+    """The shared sweeper (registrations, missed jobs, provider containers) and this host's.
+
+    Every worker start hands the running sweeper its pool list and interval."""
+    local_pools = [pool.name for pool in settings.pools if isinstance(pool.backend, LocalBackendSettings)]
+    config = SweeperConfig(
+        pools=[pool.name for pool in settings.pools if pool.name not in local_pools],
+        interval_s=settings.sweep_interval_s,
+        github_task_queue=settings.temporal.github_task_queue,
+    )
+    await client.start_workflow(
+        SweeperWorkflow.run,
+        SweeperInput(config=config),
+        id=sweeper_workflow_id(settings.temporal.task_queue),
+        task_queue=settings.temporal.task_queue,
+        start_signal=CONFIGURE_SIGNAL,
+        start_signal_args=[config],
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        static_summary="Removes containers and runner registrations that outlived their workflow",
+    )
+    if local_pools:
+        await start_host_sweeper(client, settings, local_pools)
+
+
+async def start_host_sweeper(
+    client: Client, settings: MayflySettings, pools: list[str], *, visible_within_s: float = 30.0
+) -> None:
+    task_queue = settings.temporal.task_queue
+    workflow_id = host_sweeper_workflow_id(task_queue, settings.host_id)
+    await client.start_workflow(
+        HostSweeperWorkflow.run,
+        HostSweeperInput(
+            host_id=settings.host_id,
+            host_task_queue=host_task_queue(task_queue, settings.host_id),
+            pools=pools,
+            interval_s=settings.sweep_interval_s,
+        ),
+        id=workflow_id,
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        static_summary=f"Sweeps the local runner processes of host {settings.host_id}",
+    )
+    # Slot reclaim finds hosts through visibility, which may lag a start: a host it cannot see
+    # yet would be left out of its check, so wait until this one is listed.
+    query = f"WorkflowType = '{HOST_SWEEPER_WORKFLOW}' AND WorkflowId = '{workflow_id}'"
+    deadline = asyncio.get_running_loop().time() + visible_within_s
+    while (await client.count_workflows(query)).count == 0:
+        if asyncio.get_running_loop().time() > deadline:
+            log.warning("host sweeper %s is not yet listed by visibility", workflow_id)
+            return
+        await asyncio.sleep(0.2)
+
+
+async def sync_capacities(client: Client, settings: MayflySettings) -> None:
+    """Push each pool's configured cap to its semaphore, so a config change needs no restart of it."""
+    for pool in settings.pools:
+        await client.start_workflow(
+            SlotSemaphoreWorkflow.run,
+            SemaphoreInput(
+                pool=pool.name, capacity=pool.max_runners, reap_interval_s=settings.semaphore_reap_interval_s
+            ),
+            id=semaphore_workflow_id(pool.name),
+            task_queue=settings.temporal.task_queue,
+            start_signal="set_capacity",
+            start_signal_args=[pool.max_runners],
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
+
+
+async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
+    sealer = sealer_for(settings)
+    runtime = prometheus_runtime(settings.metrics_bind_address) if settings.metrics_bind_address else None
+    client = await connect(settings.temporal, runtime)
+    absent = await search_attributes.missing(client, settings.temporal.namespace)
+    if absent:
+        # Starting without them would leave every job workflow stuck on its first task.
+        raise ConfigError(
+            f"namespace {settings.temporal.namespace!r} lacks search attributes {', '.join(absent)}; "
+            "run `mayfly setup` once"
+        )
+    async with github_client(settings.github) as github:
+        workers = build_workers(
+            client,
+            settings,
+            github=github,
+            backends=build_backends(settings),
+            sealer=sealer,
+            graceful_shutdown_s=settings.worker_graceful_shutdown_s,
+        )
+        # Before this host takes any spawn: slot reclaim must already know the host exists.
+        await start_sweeper(client, settings)
+        async with contextlib.AsyncExitStack() as running:
+            for worker in workers:
+                await running.enter_async_context(worker)
+            await sync_capacities(client, settings)
+            if settings.health_bind_address:
+                host, port = settings.health_bind_address.rsplit(":", 1)
+                health = await serve(health_app(client), host=host, port=int(port))
+                running.push_async_callback(health.stop)
+            log.info("worker polling task queue %s", settings.temporal.task_queue)
+            await stop.wait()
+            log.info("shutting down: finishing activities in flight")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mayfly worker", description=__doc__)
+    parser.add_argument("--config", type=Path, help="TOML config file (or set MAYFLY_CONFIG)")
+    args = parser.parse_args(argv)
+    configure_logging()
+    settings = load_settings_or_report(args.config)
+    if settings is None:
+        return 2
+    configure_logging(settings.log_format)
+    # Runners may share this host (and, without run_as_user, this uid): keep them out of the
+    # worker's environment and memory, which hold every credential.
+    if not make_non_dumpable():
+        log.warning("could not mark the worker non-dumpable; set run_as_user and keep runners off this uid")
+
+    async def _main() -> None:
+        await run_worker(settings, stop_on_signals())
+
+    try:
+        asyncio.run(_main())
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    log.info("worker stopped")
+    return 0
