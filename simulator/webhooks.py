@@ -1,4 +1,4 @@
-"""Signed webhook delivery, in order, from one background task, with delivery faults.
+"""Signed webhook delivery from a background sender, several at a time as GitHub does, with delivery faults.
 
 API handlers only enqueue; the HTTP POST happens in the sender task so a slow or dead
 receiver can never stall the simulated GitHub API (GitHub behaves the same way).
@@ -22,6 +22,9 @@ from simulator.faults import FaultConfig
 DeliveryState = Literal["pending", "delivered", "failed", "dropped", "undelivered"]
 
 WEBHOOK_TIMEOUT_S = 10.0
+# Deliveries posted at once. GitHub sends each delivery on its own, so a slow receiver delays
+# some of them, not every later one.
+MAX_IN_FLIGHT = 8
 
 
 class DeliveryRecord(BaseModel):
@@ -62,6 +65,8 @@ class WebhookSender:
         self._deliveries: dict[str, _Outgoing] = {}
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
+        self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._posting: set[asyncio.Task[None]] = set()
 
     def set_faults(self, faults: FaultConfig) -> None:
         self._faults = faults
@@ -97,6 +102,10 @@ class WebhookSender:
             except TimeoutError:
                 pass  # wait_for already cancelled the sender; undelivered items stay "pending".
             self._task = None
+        if self._posting:
+            _, late = await asyncio.wait(self._posting, timeout=drain_timeout)
+            for task in late:
+                task.cancel()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -126,6 +135,8 @@ class WebhookSender:
                 held = None
 
     async def _deliver(self, item: _Outgoing) -> None:
+        """Decide the delivery's faults here, in queue order (so a seed replays the same faults),
+        then POST it in the background: GitHub sends deliveries independently, not one by one."""
         record = item.record
         only = self._faults.webhook_drop_actions
         droppable = not only or record.action in only
@@ -136,8 +147,17 @@ class WebhookSender:
             self._on_change()
             return
         copies = 2 if not item.manual and self._rng.random() < self._faults.webhook_duplicate_rate else 1
-        for copy in range(copies):
-            await self._post(item, last=copy == copies - 1)
+        await self._in_flight.acquire()
+        task = asyncio.create_task(self._post_copies(item, copies))
+        self._posting.add(task)
+        task.add_done_callback(self._posting.discard)
+
+    async def _post_copies(self, item: _Outgoing, copies: int) -> None:
+        try:
+            for copy in range(copies):
+                await self._post(item, last=copy == copies - 1)
+        finally:
+            self._in_flight.release()
 
     async def _post(self, item: _Outgoing, *, last: bool = True) -> None:
         record = item.record

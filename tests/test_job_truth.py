@@ -288,3 +288,25 @@ async def test_a_job_that_is_never_served_ends_at_its_deadline_with_bounded_hist
     assert runs.count >= 2, "the long wait continued as new"
     assert len(history.events) < 600
     assert await stack.backend.list() == [] and sim.runners() == []
+
+
+async def test_a_job_whose_runner_served_an_older_job_takes_a_new_slot_and_is_served(
+    stack_factory: StackFactory,
+) -> None:
+    # The older job has no workflow (its queued delivery is lost and the reconciler waits), so
+    # the first runner the newer job starts takes the older job. The newer job is still queued
+    # when that runner is gone: it must take a slot again, under a new request id.
+    stack = await stack_factory(max_runners=1, reconcile_min_age_s=600.0)
+    sim = stack.simulator
+    sim.set_faults(FaultConfig(webhook_drop_rate=1.0, webhook_drop_actions=["queued"]))
+    (older,) = stack.queue_jobs(1, duration_s=1.0)
+    await sim.wait_for(lambda: any(d.job_id == older and d.dropped for d in sim.deliveries()), 10)
+    sim.set_faults(FaultConfig())
+    (newer,) = stack.queue_jobs(1, duration_s=1.0)
+    await stack.wait_workflow_started(newer)
+    async with asyncio.timeout(90):
+        result = RunnerJobResult.model_validate(await job_handle(stack, newer).result())
+    assert sim.job(older).runner_name == f"mayfly-{newer}-a1"
+    assert sim.job(newer).conclusion == "success" and sim.job(newer).runner_name == f"mayfly-{newer}-a2"
+    assert result.runners_spawned == 2
+    await until(lambda: nothing_left(stack))

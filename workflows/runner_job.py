@@ -121,6 +121,8 @@ class RunnerJobWorkflow:
         self._slot_held_before_s = carry.slot_held_s if carry else 0.0
         self._ask_before_next_slot = False
         self._lease = SlotLease(params.job.pool, params.capacity, params.semaphore_reap_interval_s)
+        self._leases_taken = 0
+        self._lease_released = False
         self._phase = JobPhase.QUEUED
         self._phase_details = ""
         self._runner: _RunnerTrack | None = None
@@ -240,7 +242,7 @@ class RunnerJobWorkflow:
         workflow.set_current_details(f"**{phase.value}**: {details}")
 
     def _slot_held_s(self) -> float:
-        return self._slot_held_before_s + self._lease.held_s()
+        return self._slot_held_before_s + (0.0 if self._lease_released else self._lease.held_s())
 
     def _result(self, outcome: JobOutcome) -> RunnerJobResult:
         return RunnerJobResult(
@@ -400,6 +402,15 @@ class RunnerJobWorkflow:
         """Hold a slot while starting runners for the queued job, until it needs none."""
         job = self._params.job
         interval = timedelta(seconds=self._params.status_check_interval_s)
+        self._leases_taken += 1
+        if self._leases_taken > 1:
+            # A released request id is never granted again (the semaphore remembers it, so a late
+            # duplicate cannot take a slot nobody gives back): a new slot needs a new id.
+            params = self._params
+            self._lease = SlotLease(
+                job.pool, params.capacity, params.semaphore_reap_interval_s, key=f"slot{self._leases_taken}"
+            )
+            self._lease_released = False
         try:
             self._set_phase(JobPhase.WAITING_FOR_SLOT, f"a slot in pool `{job.pool}`")
             self._check_deadline("waiting for a slot")
@@ -437,6 +448,8 @@ class RunnerJobWorkflow:
         finally:
             # The slot goes back only here, after every container of ours is confirmed gone.
             await self._uncancellable(self._lease.release())
+            self._slot_held_before_s += self._lease.held_s()
+            self._lease_released = True
 
     async def _run_one_runner(self) -> bool:
         """Start one runner and see it gone; True if it ran some job (which may be ours)."""
