@@ -27,9 +27,9 @@ from temporalio.worker import Worker
 
 from activities.slots import SlotActivities
 from bench.cpu import dev_server_cpu_s
+from bench.slot_holder import HolderInput
 from mayfly.devserver import local_environment
 from mayfly.models import SlotGrant, semaphore_workflow_id
-from tests.slot_holder import HolderInput
 from workflows.slot_lease import SlotLease
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
 
@@ -114,7 +114,7 @@ async def main() -> None:
         env.client,
         task_queue=task_queue,
         workflows=[SlotSemaphoreWorkflow, BenchHolderWorkflow],
-        activities=[slots.request, slots.reclaim_dead_holders],
+        activities=slots.all(),
     ):
         # 1. Idle grant latency: one acquirer at a time, free slots; client start -> granted.
         pool = f"idle{uuid.uuid4().hex[:6]}"

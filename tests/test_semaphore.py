@@ -14,9 +14,9 @@ from temporalio.exceptions import CancelledError
 from temporalio.worker import Worker
 
 from activities.slots import SlotActivities
+from bench.slot_holder import HolderInput, Ledger, SlotHolderWorkflow
 from mayfly.devserver import temporal_cli
 from mayfly.models import AcquireRequest, ReleaseRequest, SemaphoreStatus, semaphore_workflow_id
-from tests.slot_holder import HolderInput, Ledger, SlotHolderWorkflow
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
 
 
@@ -28,8 +28,7 @@ async def ledger(client: Client, task_queue: str) -> AsyncIterator[Ledger]:
         task_queue=task_queue,
         workflows=[SlotSemaphoreWorkflow, SlotHolderWorkflow],
         activities=[
-            SlotActivities({}).request,
-            SlotActivities({}).reclaim_dead_holders,
+            *SlotActivities({}).all(),
             ledger.enter,
             ledger.exit,
         ],
