@@ -18,52 +18,16 @@ import statistics
 import sys
 import time
 import uuid
-from datetime import datetime
 
-from pydantic import BaseModel
-from temporalio import workflow
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.slots import SlotActivities
 from bench.cpu import dev_server_cpu_s
-from bench.slot_holder import HolderInput
+from bench.slot_holder import BenchHolderWorkflow, CycleTimes, HolderInput
 from mayfly.devserver import local_environment
-from mayfly.models import SlotGrant, semaphore_workflow_id
-from workflows.slot_lease import SlotLease
+from mayfly.models import semaphore_workflow_id
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
-
-
-class CycleTimes(BaseModel):
-    granted: list[datetime]
-    released: list[datetime]
-
-
-@workflow.defn(name="BenchSlotHolder")
-class BenchHolderWorkflow:
-    """Takes and returns a slot `cycles` times; no instrumentation activities on the hot path."""
-
-    @workflow.init
-    def __init__(self, params: HolderInput) -> None:
-        self._lease = SlotLease(params.pool, params.capacity, params.reap_interval_s)
-
-    @workflow.signal(name="slot_granted")
-    def slot_granted(self, grant: SlotGrant) -> None:
-        self._lease.on_grant(grant)
-
-    @workflow.run
-    async def run(self, params: HolderInput) -> CycleTimes:
-        times = CycleTimes(granted=[], released=[])
-        for cycle in range(params.cycles):
-            if cycle:
-                self._lease = SlotLease(params.pool, params.capacity, params.reap_interval_s, key=str(cycle))
-            try:
-                await self._lease.acquire()
-                times.granted.append(workflow.now())
-            finally:
-                times.released.append(workflow.now())
-                await self._lease.release()
-        return times
 
 
 def pct(values: list[float], q: float) -> float:

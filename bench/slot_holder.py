@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from pydantic import BaseModel
 from temporalio import activity, workflow
@@ -34,6 +34,8 @@ class Ledger:
     exited: set[str] = field(default_factory=set)
     max_seen: int = 0
     entries: int = 0
+    # A second entry for the same request: a slot granted twice.
+    duplicates: int = 0
     entered_at: dict[str, float] = field(default_factory=dict)
     exited_at: dict[str, float] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -41,6 +43,7 @@ class Ledger:
     @activity.defn(name="test.ledger_enter")
     async def enter(self, request_id: str) -> None:
         if request_id in self.exited or request_id in self.current:
+            self.duplicates += 1
             return
         self.current.add(request_id)
         self.entries += 1
@@ -102,3 +105,35 @@ class SlotHolderWorkflow:
                 )
         finally:
             await self._lease.release()
+
+
+class CycleTimes(BaseModel):
+    granted: list[datetime]
+    released: list[datetime]
+
+
+@workflow.defn(name="BenchSlotHolder")
+class BenchHolderWorkflow:
+    """Takes and returns a slot `cycles` times; no instrumentation activities on the hot path."""
+
+    @workflow.init
+    def __init__(self, params: HolderInput) -> None:
+        self._lease = SlotLease(params.pool, params.capacity, params.reap_interval_s)
+
+    @workflow.signal(name="slot_granted")
+    def slot_granted(self, grant: SlotGrant) -> None:
+        self._lease.on_grant(grant)
+
+    @workflow.run
+    async def run(self, params: HolderInput) -> CycleTimes:
+        times = CycleTimes(granted=[], released=[])
+        for cycle in range(params.cycles):
+            if cycle:
+                self._lease = SlotLease(params.pool, params.capacity, params.reap_interval_s, key=str(cycle))
+            try:
+                await self._lease.acquire()
+                times.granted.append(workflow.now())
+            finally:
+                times.released.append(workflow.now())
+                await self._lease.release()
+        return times
