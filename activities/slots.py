@@ -24,6 +24,7 @@ from mayfly.models import (
     SemaphoreInput,
     SlotLookup,
     SlotRecheck,
+    SlotRelease,
     SlotRequest,
     semaphore_workflow_id,
 )
@@ -37,7 +38,13 @@ class SlotActivities:
 
     def all(self) -> list[Callable[..., Awaitable[object]]]:
         """Every activity a worker running semaphores and leases must register."""
-        return [self.request, self.recheck, self.had_earlier_run, self.reclaim_dead_holders]
+        return [
+            self.request,
+            self.release,
+            self.recheck,
+            self.had_earlier_run,
+            self.reclaim_dead_holders,
+        ]
 
     @activity.defn(name="slots.request")
     async def request(self, request: SlotRequest) -> None:
@@ -57,6 +64,16 @@ class SlotActivities:
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             static_summary=f"Slot semaphore for pool {request.pool}",
         )
+
+    @activity.defn(name="slots.release")
+    async def release(self, request: SlotRelease) -> None:
+        """Give a slot back; a semaphore that is gone has nothing to give back to."""
+        handle = activity.client().get_workflow_handle(semaphore_workflow_id(request.pool))
+        try:
+            await handle.signal("release", request.release)
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                raise
 
     @activity.defn(name="slots.recheck")
     async def recheck(self, check: SlotRecheck) -> RecheckOutcome:

@@ -15,7 +15,8 @@ from pydantic import BaseModel
 from temporalio import activity, workflow
 
 with workflow.unsafe.imports_passed_through():
-    from mayfly.models import SlotGrant
+    from activities.slots import SlotActivities
+    from mayfly.models import ReleaseRequest, SlotGrant, SlotRelease
     from workflows.slot_lease import SlotLease
 
 
@@ -137,3 +138,42 @@ class BenchHolderWorkflow:
                 times.released.append(workflow.now())
                 await self._lease.release()
         return times
+
+
+@workflow.defn(name="GrantSink")
+class GrantSinkWorkflow:
+    """Stands in for many holders at once: gives back every slot it is granted, at once.
+
+    Lets a test or benchmark push thousands of grants through a semaphore with a handful of
+    workflows instead of one workflow per acquirer.
+    """
+
+    @workflow.init
+    def __init__(self, pool: str) -> None:
+        self._granted: list[str] = []
+        self.released = 0
+
+    @workflow.signal(name="slot_granted")
+    def slot_granted(self, grant: SlotGrant) -> None:
+        self._granted.append(grant.request_id)
+
+    @workflow.query
+    def released_count(self) -> int:
+        return self.released
+
+    @workflow.run
+    async def run(self, pool: str) -> None:
+        while True:
+            await workflow.wait_condition(lambda: bool(self._granted))
+            batch, self._granted = self._granted, []
+            await asyncio.gather(
+                *(
+                    workflow.execute_local_activity_method(
+                        SlotActivities.release,
+                        SlotRelease(pool=pool, release=ReleaseRequest(request_id=request_id)),
+                        start_to_close_timeout=timedelta(seconds=10),
+                    )
+                    for request_id in batch
+                )
+            )
+            self.released += len(batch)

@@ -140,6 +140,11 @@ class SlotRequest(BaseModel):
     acquire: AcquireRequest
 
 
+class SlotRelease(BaseModel):
+    pool: str
+    release: ReleaseRequest
+
+
 class SlotRecheck(BaseModel):
     """A holder or waiter making sure the semaphore's current run still knows it."""
 

@@ -6,7 +6,6 @@ import asyncio
 import random
 import subprocess
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
 
@@ -18,7 +17,7 @@ from temporalio.worker import Worker
 
 from activities.slots import SlotActivities
 from bench.semaphore_history import read_semaphore_history
-from bench.slot_holder import HolderInput, Ledger, SlotHolderWorkflow
+from bench.slot_holder import GrantSinkWorkflow, HolderInput, Ledger, SlotHolderWorkflow
 from mayfly.devserver import temporal_cli
 from mayfly.models import (
     AcquireRequest,
@@ -36,7 +35,7 @@ async def ledger(client: Client, task_queue: str) -> AsyncIterator[Ledger]:
     async with Worker(
         client,
         task_queue=task_queue,
-        workflows=[SlotSemaphoreWorkflow, SlotHolderWorkflow],
+        workflows=[SlotSemaphoreWorkflow, SlotHolderWorkflow, GrantSinkWorkflow],
         activities=[
             *SlotActivities({}).all(),
             ledger.enter,
@@ -75,12 +74,16 @@ async def status(client: Client, pool: str) -> SemaphoreStatus:
 async def until_status(client: Client, pool: str, check: object, within_s: float = 30) -> SemaphoreStatus:
     """Queries see the state as of the last workflow task; poll until signals sent earlier are applied."""
     assert callable(check)
-    async with asyncio.timeout(within_s):
-        while True:
-            current = await status(client, pool)
-            if check(current):
-                return current
-            await asyncio.sleep(0.1)
+    current: SemaphoreStatus | None = None
+    try:
+        async with asyncio.timeout(within_s):
+            while True:
+                current = await status(client, pool)
+                if check(current):
+                    return current
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"semaphore never reached the expected state; last seen: {current}") from None
 
 
 async def outcome(handle: WorkflowHandle[SlotHolderWorkflow, None]) -> str:
@@ -267,23 +270,31 @@ async def test_a_terminated_semaphore_recovers_its_holders_before_granting_again
 async def test_thousands_of_waiters_are_granted_in_fifo_across_continue_as_new(
     client: Client, task_queue: str, pool_name: str, ledger: Ledger
 ) -> None:
-    waiters = 3000
+    waiters = 2500
     semaphore = await client.start_workflow(
         SlotSemaphoreWorkflow.run,
         SemaphoreInput(pool=pool_name, capacity=0, reap_interval_s=30),
         id=semaphore_workflow_id(pool_name),
         task_queue=task_queue,
     )
-    # Holders that do not exist: each grant fails at once and frees its slot, so the queue
-    # drains as fast as the semaphore can grant, without thousands of holder workflows.
+    # A few sink workflows stand in for thousands of holders: each gives back every slot it is
+    # granted, so the queue drains through real grants and releases.
+    sinks = [
+        await client.start_workflow(
+            GrantSinkWorkflow.run, pool_name, id=f"{pool_name}-sink{k}", task_queue=task_queue
+        )
+        for k in range(20)
+    ]
+    sink_runs = [(sink.id, (await sink.describe()).run_id) for sink in sinks]
     now = datetime.now(UTC)
-    sending = asyncio.Semaphore(32)
+    sending = asyncio.Semaphore(16)
 
     async def acquire(i: int) -> None:
+        sink_id, sink_run = sink_runs[i % len(sink_runs)]
         request = AcquireRequest(
             request_id=f"{pool_name}-w{i}",
-            holder_workflow_id=f"{pool_name}-absent-{i}",
-            holder_run_id=str(uuid.uuid4()),
+            holder_workflow_id=sink_id,
+            holder_run_id=sink_run,
             requested_at=now,
         )
         async with sending:
@@ -303,7 +314,10 @@ async def test_thousands_of_waiters_are_granted_in_fifo_across_continue_as_new(
     assert len(queued.waiters) < waiters, "status shows the head of the queue, not all of it"
     await semaphore.signal(SlotSemaphoreWorkflow.set_capacity, 20)
     final = await until_status(
-        client, pool_name, lambda s: s.granted_total == waiters and not s.waiting, within_s=90
+        client,
+        pool_name,
+        lambda s: s.granted_total == waiters and not s.waiting and not s.holders,
+        within_s=150,
     )
     elapsed = time.monotonic() - started
     history = await read_semaphore_history(client, pool_name)
@@ -319,6 +333,9 @@ async def test_thousands_of_waiters_are_granted_in_fifo_across_continue_as_new(
             f"max task {run.max_task_s:.3f}s, failures {run.task_failures}"
         )
     assert final.holders == []
+    assert sum([await sink.query(GrantSinkWorkflow.released_count) for sink in sinks]) == waiters
+    for sink in sinks:
+        await sink.terminate("test over")
     assert len(history.acquired) == waiters
     assert sorted(history.granted) == sorted(history.acquired), "each waiter granted exactly once"
     assert history.fifo_violations() == 0

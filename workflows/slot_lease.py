@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from activities.slots import SlotActivities
@@ -27,9 +27,9 @@ with workflow.unsafe.imports_passed_through():
         ReleaseRequest,
         SlotGrant,
         SlotRecheck,
+        SlotRelease,
         SlotRequest,
         holder_recheck_s,
-        semaphore_workflow_id,
         waiter_recheck_s,
     )
 
@@ -94,12 +94,13 @@ class SlotLease:
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
-        handle = workflow.get_external_workflow_handle(semaphore_workflow_id(self._pool))
-        try:
-            await handle.signal("release", ReleaseRequest(request_id=self.request_id))
-        except ApplicationError as error:
-            if error.type != "ExternalWorkflowExecutionNotFound":
-                raise
+        # A local activity, not a signal command: the command's completion event would cost
+        # this workflow one more task before it can finish.
+        await workflow.execute_local_activity_method(
+            SlotActivities.release,
+            SlotRelease(pool=self._pool, release=ReleaseRequest(request_id=self.request_id)),
+            start_to_close_timeout=SLOT_CALL_TIMEOUT,
+        )
         self.granted = False
 
     async def _watch_slot(self) -> None:

@@ -16,6 +16,7 @@ holder re-asserts its slot (`SlotLease` rechecks on a timer) and waiters re-send
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from datetime import datetime, timedelta
 
 from temporalio import workflow
@@ -40,12 +41,14 @@ with workflow.unsafe.imports_passed_through():
     )
     from mayfly.slot_queue import ReleasedMemory, WaiterQueue, pack, unpack
 
-GRANT_SIGNAL = "slot_granted"
-# Each acquire, release and grant is an event or two; continuing well before the server's own
-# suggestion (4K events by default) keeps replays after an eviction short.
-CONTINUE_AFTER_EVENTS = 2_000
+# Each acquire, release and grant is an event or two. Continuing well before the
+# server's own suggestion (4K events by default) keeps the replay after an eviction short: under
+# a flood of signals a slow replay lets more than 100 signals pile up during one task, which
+# the server answers by failing the task (FORCE_CLOSE_COMMAND) and a longer replay still.
+CONTINUE_AFTER_EVENTS = 1_000
 CONTINUE_AFTER_BYTES = 2 * 1024 * 1024
 STATUS_WAITERS_SHOWN = 100
+GRANT_SIGNAL = "slot_granted"
 
 
 @workflow.defn(name="SlotSemaphore")
@@ -69,6 +72,10 @@ class SlotSemaphoreWorkflow:
         # task round trip per grant and serialise every handoff behind the previous one.
         self._grants_in_flight: set[asyncio.Task[None]] = set()
         self._reap: asyncio.Task[list[str]] | None = None
+        self._reap_due = False
+        self._reap_clock_running = False
+        # Timer tasks are kept referenced until they fire; none is ever cancelled.
+        self._clocks: set[asyncio.Task[None]] = set()
         # Set by every signal so the loop refreshes the UI details and gauges after it.
         self._dirty = False
         self._instruments: metrics.SemaphoreMetrics | None = None
@@ -147,32 +154,34 @@ class SlotSemaphoreWorkflow:
         until = workflow.now() + timedelta(seconds=recovery_grace_s(self._reap_interval_s))
         if self._recovering_until is None or until > self._recovering_until:
             self._recovering_until = until
+            self._start_clock(self._recovery_clock(until))
             workflow.logger.warning("semaphore %s recovering its holders until %s", self._pool, until)
 
     def _recovering(self) -> bool:
         if not self._checked_earlier_runs:
             return True
-        if self._recovering_until is None:
-            return False
-        if workflow.now() >= self._recovering_until:
-            self._recovering_until = None
-            return False
-        return True
+        # Pure: the status query calls it too, and a query must not change the state.
+        return self._recovering_until is not None and workflow.now() < self._recovering_until
 
     def _can_grant(self) -> bool:
         return bool(self._waiters) and len(self._holders) < self._capacity and not self._recovering()
 
-    def _grant_next(self) -> None:
-        request = self._waiters.pop_first()
+    def _grant_all_possible(self) -> None:
         granted_at = workflow.now()
-        self._holders[request.request_id] = Holder(request=request, granted_at=granted_at)
-        self._granted_total += 1
-        self._metrics().wait_seconds.record((granted_at - request.requested_at).total_seconds())
-        task = asyncio.create_task(self._send_grant(request))
-        self._grants_in_flight.add(task)
-        task.add_done_callback(self._grants_in_flight.discard)
+        while self._can_grant():
+            request = self._waiters.pop_first()
+            # Recorded as a holder before the grant leaves, so the cap counts it from now on.
+            self._holders[request.request_id] = Holder(request=request, granted_at=granted_at)
+            self._granted_total += 1
+            self._metrics().wait_seconds.record((granted_at - request.requested_at).total_seconds())
+            task = asyncio.create_task(self._send_grant(request))
+            self._grants_in_flight.add(task)
+            task.add_done_callback(self._grants_in_flight.discard)
 
     async def _send_grant(self, request: AcquireRequest) -> None:
+        # A signal command, not a local activity: a command takes effect only once the server
+        # accepts the workflow task, so a task it refuses (a signal arrived meanwhile) cannot
+        # have granted a slot that its replay then hands to someone else.
         handle = workflow.get_external_workflow_handle(
             request.holder_workflow_id, run_id=request.holder_run_id
         )
@@ -210,7 +219,7 @@ class SlotSemaphoreWorkflow:
 
     async def _check_earlier_runs(self) -> None:
         info = workflow.info()
-        earlier = await workflow.execute_activity_method(
+        earlier = await workflow.execute_local_activity_method(
             SlotActivities.had_earlier_run,
             EarlierRunCheck(workflow_id=info.workflow_id, run_id=info.run_id),
             start_to_close_timeout=timedelta(seconds=30),
@@ -245,7 +254,7 @@ class SlotSemaphoreWorkflow:
 
     def _has_work(self) -> bool:
         reaped = self._reap is not None and self._reap.done()
-        return self._dirty or self._can_grant() or reaped or self._should_continue_as_new()
+        return self._dirty or self._reap_due or self._can_grant() or reaped or self._should_continue_as_new()
 
     async def _continue_as_new(self) -> None:
         # Everything in flight must land in the state before it is carried over; grants are
@@ -268,27 +277,29 @@ class SlotSemaphoreWorkflow:
             )
         )
 
-    def _next_wake(self, next_reap: datetime) -> timedelta | None:
-        deadlines = []
-        if self._holders and self._reap is None:
-            deadlines.append(next_reap)
-        if self._recovering_until is not None:
-            deadlines.append(self._recovering_until)
-        if not deadlines:
-            return None
-        # A zero timeout would mean none at all.
-        return max(timedelta(milliseconds=10), min(deadlines) - workflow.now())
+    def _start_clock(self, clock: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(clock)
+        self._clocks.add(task)
+        task.add_done_callback(self._clocks.discard)
+
+    async def _reap_clock(self) -> None:
+        await workflow.sleep(self._reap_interval_s, summary="next holder check")
+        self._reap_due = True
+        self._reap_clock_running = False
+
+    async def _recovery_clock(self, until: datetime) -> None:
+        await workflow.sleep(max(timedelta(milliseconds=10), until - workflow.now()), summary="recovery ends")
+        self._dirty = True
 
     @workflow.run
     async def run(self, state: SemaphoreInput) -> None:
         if not self._checked_earlier_runs:
             await self._check_earlier_runs()
-        # The reap clock runs on its own deadline, so steady grant traffic cannot starve it.
-        reap_every = timedelta(seconds=self._reap_interval_s)
-        next_reap = workflow.now() + reap_every
+        if state.carried is not None and self._recovering():
+            assert self._recovering_until is not None
+            self._start_clock(self._recovery_clock(self._recovering_until))
         while True:
-            while self._can_grant():
-                self._grant_next()
+            self._grant_all_possible()
             if self._reap is not None and self._reap.done():
                 await self._finish_reap()
                 continue
@@ -296,16 +307,13 @@ class SlotSemaphoreWorkflow:
             self._publish()
             if self._should_continue_as_new():
                 await self._continue_as_new()
-            if self._holders and self._reap is None and workflow.now() >= next_reap:
+            if self._reap_due and self._holders and self._reap is None:
                 self._start_reap()
-                next_reap = workflow.now() + reap_every
-            if not self._holders:
-                next_reap = workflow.now() + reap_every
-            try:
-                await workflow.wait_condition(
-                    self._has_work,
-                    timeout=self._next_wake(next_reap),
-                    timeout_summary="next reap or recovery end",
-                )
-            except TimeoutError:
-                pass
+            self._reap_due = False
+            # The reap clock runs on its own timer, never cancelled: a timer cancelled per loop
+            # costs two events per task, and cancelling one that fired while a local activity
+            # held the task open is refused by the server.
+            if self._holders and self._reap is None and not self._reap_clock_running:
+                self._reap_clock_running = True
+                self._start_clock(self._reap_clock())
+            await workflow.wait_condition(self._has_work)
