@@ -29,7 +29,7 @@ from temporalio.worker import Worker
 from activities.slots import SlotActivities
 from bench.cpu import dev_server_cpu_s, own_cpu_s
 from bench.semaphore_history import BENIGN_TASK_FAILURES, read_semaphore_history
-from bench.slot_holder import HolderInput, Ledger, SlotHolderWorkflow
+from bench.slot_holder import HolderInput, Ledger, LightSlotHolderWorkflow
 from mayfly.devserver import local_environment
 from mayfly.models import waiter_recheck_s
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
@@ -68,7 +68,7 @@ async def enqueue(
             await asyncio.sleep(delay)
         async with in_flight:
             handle = await client.start_workflow(
-                SlotHolderWorkflow.run,
+                LightSlotHolderWorkflow.run,
                 HolderInput(
                     pool=pool, capacity=args.cap, hold_s=args.hold_s, reap_interval_s=args.reap_interval_s
                 ),
@@ -87,8 +87,8 @@ async def main() -> None:
     parser.add_argument("--cap", type=int, default=20)
     parser.add_argument("--enqueue-s", type=float, default=100.0, help="start all acquirers within this")
     parser.add_argument("--hold-s", type=float, default=0.0)
-    # Waiters recheck every 10 reap intervals; at 30 s a waiter rechecks every ~5 minutes.
-    parser.add_argument("--reap-interval-s", type=float, default=30.0)
+    # The product's default: waiters recheck every 30 reap intervals (10 minutes).
+    parser.add_argument("--reap-interval-s", type=float, default=20.0)
     parser.add_argument("--drain-timeout-s", type=float, default=1800.0)
     args = parser.parse_args()
 
@@ -104,7 +104,7 @@ async def main() -> None:
     async with Worker(
         client,
         task_queue=task_queue,
-        workflows=[SlotSemaphoreWorkflow, SlotHolderWorkflow],
+        workflows=[SlotSemaphoreWorkflow, LightSlotHolderWorkflow],
         activities=[*SlotActivities({}).all(), ledger.enter, ledger.exit],
     ):
         t0 = time.monotonic()

@@ -200,8 +200,9 @@ def holder_recheck_s(reap_interval_s: float) -> float:
 
 
 def waiter_recheck_s(reap_interval_s: float) -> float:
-    """How often a waiter makes sure it is still queued: rarely, as thousands may wait."""
-    return 10 * reap_interval_s
+    """How often a waiter makes sure it is still queued: rarely, as thousands may wait and
+    each recheck is a query the semaphore must answer."""
+    return 30 * reap_interval_s
 
 
 def recovery_grace_s(reap_interval_s: float) -> float:

@@ -310,9 +310,8 @@ class SlotSemaphoreWorkflow:
             if self._reap_due and self._holders and self._reap is None:
                 self._start_reap()
             self._reap_due = False
-            # The reap clock runs on its own timer, never cancelled: a timer cancelled per loop
-            # costs two events per task, and cancelling one that fired while a local activity
-            # held the task open is refused by the server.
+            # The reap clock runs on its own timer, never cancelled: a wait with a timeout would
+            # start and cancel a timer in every task, two events each time.
             if self._holders and self._reap is None and not self._reap_clock_running:
                 self._reap_clock_running = True
                 self._start_clock(self._reap_clock())
