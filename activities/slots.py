@@ -2,25 +2,57 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
 
 from temporalio import activity
-from temporalio.client import WorkflowExecutionStatus
-from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.client import (
+    RPCTimeoutOrCancelledError,
+    WorkflowExecutionStatus,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
+)
+from temporalio.common import QueryRejectCondition, WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.host_sweep import HostSweepStatus, gone_from_every_host, host_reports
 from mayfly.backends import BackendError, ContainerBackend, ContainerState
-from mayfly.models import DeadHolderCheck, Holder, SemaphoreInput, SlotRequest, semaphore_workflow_id
+from mayfly.models import (
+    DeadHolderCheck,
+    EarlierRunCheck,
+    Holder,
+    RecheckOutcome,
+    SemaphoreInput,
+    SlotLookup,
+    SlotRecheck,
+    SlotRelease,
+    SlotRequest,
+    semaphore_workflow_id,
+)
+
+LOOKUP_TIMEOUT = timedelta(seconds=5)
 
 
 class SlotActivities:
     def __init__(self, backends: Mapping[str, ContainerBackend]) -> None:
         self._backends = backends
 
+    def all(self) -> list[Callable[..., Awaitable[object]]]:
+        """Every activity a worker running semaphores and leases must register."""
+        return [
+            self.request,
+            self.release,
+            self.recheck,
+            self.had_earlier_run,
+            self.reclaim_dead_holders,
+        ]
+
     @activity.defn(name="slots.request")
     async def request(self, request: SlotRequest) -> None:
         """Signal-with-start, so the first job of a pool brings its semaphore to life."""
+        await self._signal_with_start(request, "acquire", request.acquire)
+
+    async def _signal_with_start(self, request: SlotRequest, signal: str, payload: object) -> None:
         await activity.client().start_workflow(
             "SlotSemaphore",
             SemaphoreInput(
@@ -28,11 +60,69 @@ class SlotActivities:
             ),
             id=semaphore_workflow_id(request.pool),
             task_queue=request.task_queue,
-            start_signal="acquire",
-            start_signal_args=[request.acquire],
+            start_signal=signal,
+            start_signal_args=[payload],
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             static_summary=f"Slot semaphore for pool {request.pool}",
         )
+
+    @activity.defn(name="slots.release")
+    async def release(self, request: SlotRelease) -> None:
+        """Give a slot back; a semaphore that is gone has nothing to give back to."""
+        handle = activity.client().get_workflow_handle(semaphore_workflow_id(request.pool))
+        try:
+            await handle.signal("release", request.release)
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                raise
+
+    @activity.defn(name="slots.recheck")
+    async def recheck(self, check: SlotRecheck) -> RecheckOutcome:
+        """Make sure the semaphore's current run knows this holder or waiter; tell it again if not.
+
+        Idempotent on the semaphore's side (by request id), so a recheck that races a grant,
+        a release or a continue-as-new does no harm. A semaphore that cannot answer now is
+        asked again at the next recheck rather than told anything.
+        """
+        slot = check.slot
+        handle = activity.client().get_workflow_handle(semaphore_workflow_id(slot.pool))
+        try:
+            found = await handle.query(
+                "lookup",
+                slot.acquire.request_id,
+                result_type=SlotLookup,
+                reject_condition=QueryRejectCondition.NOT_OPEN,
+                rpc_timeout=LOOKUP_TIMEOUT,
+            )
+        except WorkflowQueryRejectedError:
+            found = SlotLookup.UNKNOWN  # terminated or failed: the next signal-with-start revives it
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                activity.logger.warning("semaphore of %s did not answer: %s", slot.pool, error)
+                return RecheckOutcome.UNANSWERED
+            found = SlotLookup.UNKNOWN
+        except (WorkflowQueryFailedError, RPCTimeoutOrCancelledError) as error:
+            activity.logger.warning("semaphore of %s did not answer: %s", slot.pool, error)
+            return RecheckOutcome.UNANSWERED
+        if found is not SlotLookup.UNKNOWN:
+            return RecheckOutcome.KNOWN
+        if check.granted_at is None:
+            await self._signal_with_start(slot, "acquire", slot.acquire)
+        else:
+            activity.logger.warning("re-asserting slot %s in pool %s", slot.acquire.request_id, slot.pool)
+            await self._signal_with_start(
+                slot, "reassert", Holder(request=slot.acquire, granted_at=check.granted_at)
+            )
+        return RecheckOutcome.RESENT
+
+    @activity.defn(name="slots.had_earlier_run")
+    async def had_earlier_run(self, check: EarlierRunCheck) -> bool:
+        """Whether any other run of the semaphore exists: if so, holders it granted may be alive."""
+        escaped = check.workflow_id.replace("\\", "\\\\").replace("'", "\\'")
+        async for execution in activity.client().list_workflows(f"WorkflowId = '{escaped}'"):
+            if execution.run_id != check.run_id:
+                return True
+        return False
 
     async def _is_alive(self, holder: Holder) -> bool:
         handle = activity.client().get_workflow_handle(holder.request.holder_workflow_id)

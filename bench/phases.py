@@ -51,6 +51,14 @@ class Timeline:
         return "\n".join(lines)
 
 
+def is_slot_release(event: HistoryEvent) -> bool:
+    """A holder gives its slot back by a local activity, recorded as a marker."""
+    if event.event_type != EventType.EVENT_TYPE_MARKER_RECORDED:
+        return False
+    details = event.marker_recorded_event_attributes.details.get("data")
+    return details is not None and any(b'"activity_type":"slots.release"' in p.data for p in details.payloads)
+
+
 def _time(event: HistoryEvent) -> datetime:
     return event.event_time.ToDatetime()
 
@@ -88,8 +96,12 @@ def _markers(events: Iterable[HistoryEvent]) -> dict[str, datetime]:
             state = fields.get("MayflyState")
             if state is not None and b"running" in state.data:
                 first("online", event)
-        elif kind == EventType.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED:
-            if event.signal_external_workflow_execution_initiated_event_attributes.signal_name == "release":
+        elif kind == EventType.EVENT_TYPE_MARKER_RECORDED:
+            # The slot goes back by a local activity, recorded as a marker.
+            details = event.marker_recorded_event_attributes.details.get("data")
+            if details is not None and any(
+                b'"activity_type":"slots.release"' in p.data for p in details.payloads
+            ):
                 first("release", event)
     return found
 

@@ -17,53 +17,17 @@ import statistics
 import sys
 import time
 import uuid
-from datetime import datetime
 
-from pydantic import BaseModel
-from temporalio import workflow
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.slots import SlotActivities
 from bench.cpu import dev_server_cpu_s
+from bench.slot_holder import BenchHolderWorkflow, CycleTimes, HolderInput
 from mayfly.devserver import local_environment
-from mayfly.models import SlotGrant, semaphore_workflow_id
+from mayfly.models import semaphore_workflow_id
 from mayfly.process import exit_now
-from tests.slot_holder import HolderInput
-from workflows.slot_lease import SlotLease
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
-
-
-class CycleTimes(BaseModel):
-    granted: list[datetime]
-    released: list[datetime]
-
-
-@workflow.defn(name="BenchSlotHolder")
-class BenchHolderWorkflow:
-    """Takes and returns a slot `cycles` times; no instrumentation activities on the hot path."""
-
-    @workflow.init
-    def __init__(self, params: HolderInput) -> None:
-        self._lease = SlotLease(params.pool, params.capacity, params.reap_interval_s)
-
-    @workflow.signal(name="slot_granted")
-    def slot_granted(self, grant: SlotGrant) -> None:
-        self._lease.on_grant(grant)
-
-    @workflow.run
-    async def run(self, params: HolderInput) -> CycleTimes:
-        times = CycleTimes(granted=[], released=[])
-        for cycle in range(params.cycles):
-            if cycle:
-                self._lease = SlotLease(params.pool, params.capacity, params.reap_interval_s, key=str(cycle))
-            try:
-                await self._lease.acquire()
-                times.granted.append(workflow.now())
-            finally:
-                times.released.append(workflow.now())
-                await self._lease.release()
-        return times
 
 
 def pct(values: list[float], q: float) -> float:
@@ -114,7 +78,7 @@ async def main() -> None:
         env.client,
         task_queue=task_queue,
         workflows=[SlotSemaphoreWorkflow, BenchHolderWorkflow],
-        activities=[slots.request, slots.reclaim_dead_holders],
+        activities=slots.all(),
     ):
         # 1. Idle grant latency: one acquirer at a time, free slots; client start -> granted.
         pool = f"idle{uuid.uuid4().hex[:6]}"

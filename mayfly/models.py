@@ -135,17 +135,28 @@ class Holder(BaseModel):
     granted_at: datetime
 
 
+class CarriedSemaphore(BaseModel):
+    """What one semaphore run hands the next through continue-as-new.
+
+    Waiters and the ids of recent releases travel as one compressed blob (see
+    `mayfly.slot_queue`): a backlog of thousands of full `AcquireRequest`s would otherwise
+    approach the 2 MB payload limit.
+    """
+
+    holders: list[Holder] = Field(default_factory=list)
+    packed_queue: str = ""
+    granted_total: int = 0
+    reclaimed_total: int = 0
+    recovering_until: datetime | None = None
+
+
 class SemaphoreInput(BaseModel):
     pool: str
     capacity: int = Field(ge=0)
-    reap_interval_s: float = 20.0
-    holders: dict[str, Holder] = Field(default_factory=dict)
-    waiters: list[AcquireRequest] = Field(default_factory=list)
-    # Bounded memory of finished request ids, so a duplicate acquire that arrives after
-    # its release cannot take a slot nobody will ever give back.
-    recently_released: list[str] = Field(default_factory=list)
-    granted_total: int = 0
-    reclaimed_total: int = 0
+    reap_interval_s: float = Field(default=20.0, gt=0)
+    # Only continue-as-new sets it. A run started without it may follow a terminated or
+    # failed run whose holders it does not know, so it recovers before granting.
+    carried: CarriedSemaphore | None = None
 
 
 class SlotRequest(BaseModel):
@@ -154,6 +165,37 @@ class SlotRequest(BaseModel):
     reap_interval_s: float
     task_queue: str
     acquire: AcquireRequest
+
+
+class SlotRelease(BaseModel):
+    pool: str
+    release: ReleaseRequest
+
+
+class SlotRecheck(BaseModel):
+    """A holder or waiter making sure the semaphore's current run still knows it."""
+
+    slot: SlotRequest
+    # Set once granted: the holder re-asserts its slot rather than asking for one.
+    granted_at: datetime | None = None
+
+
+class RecheckOutcome(StrEnum):
+    KNOWN = "known"
+    RESENT = "resent"
+    UNANSWERED = "unanswered"
+
+
+class SlotLookup(StrEnum):
+    HOLDING = "holding"
+    WAITING = "waiting"
+    RELEASED = "released"
+    UNKNOWN = "unknown"
+
+
+class EarlierRunCheck(BaseModel):
+    workflow_id: str
+    run_id: str
 
 
 class HolderView(BaseModel):
@@ -166,14 +208,37 @@ class SemaphoreStatus(BaseModel):
     pool: str
     capacity: int
     holders: list[HolderView]
+    # The head of the queue only: a backlog of thousands would make every status call huge.
     waiters: list[str]
+    waiting: int = 0
     granted_total: int
     reclaimed_total: int
+    recovering: bool = False
 
 
 class DeadHolderCheck(BaseModel):
     pool: str
     holders: list[Holder]
+
+
+def holder_recheck_s(reap_interval_s: float) -> float:
+    """How often a holder makes sure the semaphore still counts its slot."""
+    return 2 * reap_interval_s
+
+
+def waiter_recheck_s(reap_interval_s: float) -> float:
+    """How often a waiter makes sure it is still queued: rarely, as thousands may wait and
+    each recheck is a query the semaphore must answer."""
+    return 30 * reap_interval_s
+
+
+def recovery_grace_s(reap_interval_s: float) -> float:
+    """How long a semaphore that may have lost its holders waits for them to re-assert.
+
+    Two holder rechecks plus one reap interval of slack: a holder misses at most one
+    recheck before the grace runs out, even when its worker is briefly busy.
+    """
+    return 2 * holder_recheck_s(reap_interval_s) + reap_interval_s
 
 
 # --- runners and containers -----------------------------------------------------------------

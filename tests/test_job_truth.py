@@ -13,6 +13,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError, CancelledError
 
+from bench.phases import is_slot_release
 from mayfly.app.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.backends import ContainerBackend, ContainerRecord, ContainerState
 from mayfly.models import JobPhase, RunnerJobResult, job_workflow_id
@@ -47,12 +48,7 @@ async def terminated_before_release(handle: WorkflowHandle[Any, Any]) -> bool:
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
         and e.activity_task_completed_event_attributes.scheduled_event_id in terminates
     ]
-    releases = [
-        e.event_id
-        for e in events
-        if e.event_type == EventType.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED
-        and e.signal_external_workflow_execution_initiated_event_attributes.signal_name == "release"
-    ]
+    releases = [e.event_id for e in events if is_slot_release(e)]
     return bool(done) and bool(releases) and min(releases) > max(done)
 
 

@@ -6,17 +6,26 @@ import asyncio
 import random
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from datetime import UTC, datetime
 
 import pytest
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import CancelledError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from activities.slots import SlotActivities
+from bench.semaphore_history import read_semaphore_history
+from bench.slot_holder import GrantSinkWorkflow, HolderInput, Ledger, SlotHolderWorkflow
 from mayfly.devserver import temporal_cli
-from mayfly.models import AcquireRequest, ReleaseRequest, SemaphoreStatus, semaphore_workflow_id
-from tests.slot_holder import HolderInput, Ledger, SlotHolderWorkflow
+from mayfly.models import (
+    AcquireRequest,
+    ReleaseRequest,
+    SemaphoreInput,
+    SemaphoreStatus,
+    semaphore_workflow_id,
+)
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
 
 
@@ -26,10 +35,9 @@ async def ledger(client: Client, task_queue: str) -> AsyncIterator[Ledger]:
     async with Worker(
         client,
         task_queue=task_queue,
-        workflows=[SlotSemaphoreWorkflow, SlotHolderWorkflow],
+        workflows=[SlotSemaphoreWorkflow, SlotHolderWorkflow, GrantSinkWorkflow],
         activities=[
-            SlotActivities({}).request,
-            SlotActivities({}).reclaim_dead_holders,
+            *SlotActivities({}).all(),
             ledger.enter,
             ledger.exit,
         ],
@@ -39,11 +47,18 @@ async def ledger(client: Client, task_queue: str) -> AsyncIterator[Ledger]:
 
 
 async def start_holder(
-    client: Client, task_queue: str, pool: str, name: str, *, capacity: int, hold_s: float
+    client: Client,
+    task_queue: str,
+    pool: str,
+    name: str,
+    *,
+    capacity: int,
+    hold_s: float,
+    reap_interval_s: float = 2.0,
 ) -> WorkflowHandle[SlotHolderWorkflow, None]:
     return await client.start_workflow(
         SlotHolderWorkflow.run,
-        HolderInput(pool=pool, capacity=capacity, hold_s=hold_s),
+        HolderInput(pool=pool, capacity=capacity, hold_s=hold_s, reap_interval_s=reap_interval_s),
         id=f"{pool}-{name}",
         task_queue=task_queue,
     )
@@ -59,12 +74,16 @@ async def status(client: Client, pool: str) -> SemaphoreStatus:
 async def until_status(client: Client, pool: str, check: object, within_s: float = 30) -> SemaphoreStatus:
     """Queries see the state as of the last workflow task; poll until signals sent earlier are applied."""
     assert callable(check)
-    async with asyncio.timeout(within_s):
-        while True:
-            current = await status(client, pool)
-            if check(current):
-                return current
-            await asyncio.sleep(0.1)
+    current: SemaphoreStatus | None = None
+    try:
+        async with asyncio.timeout(within_s):
+            while True:
+                current = await status(client, pool)
+                if check(current):
+                    return current
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"semaphore never reached the expected state; last seen: {current}") from None
 
 
 async def outcome(handle: WorkflowHandle[SlotHolderWorkflow, None]) -> str:
@@ -203,3 +222,125 @@ async def test_lowering_capacity_never_revokes_a_held_slot(
     await b.cancel()
     assert await outcome(c) == "completed"
     assert ledger.max_seen == 2
+
+
+async def test_a_terminated_semaphore_recovers_its_holders_before_granting_again(
+    client: Client, task_queue: str, pool_name: str, ledger: Ledger
+) -> None:
+    cap, reap_s = 3, 1.0
+
+    def start(name: str, hold_s: float) -> Awaitable[WorkflowHandle[SlotHolderWorkflow, None]]:
+        return start_holder(
+            client, task_queue, pool_name, name, capacity=cap, hold_s=hold_s, reap_interval_s=reap_s
+        )
+
+    holders = [await start(f"old{i}", 20) for i in range(cap)]
+    await ledger.until(lambda: ledger.entries == cap, within_s=60)
+    waiters = [
+        await start_holder(
+            client, task_queue, pool_name, f"w{i}", capacity=cap, hold_s=0.3, reap_interval_s=reap_s
+        )
+        for i in range(5)
+    ]
+    await until_status(client, pool_name, lambda s: s.waiting == len(waiters))
+
+    # The way an operator does it: the run and everything it knew are gone.
+    await client.get_workflow_handle(semaphore_workflow_id(pool_name)).terminate("operator test")
+    # Newcomers bring a fresh run to life at once; it must not hand them the slots still in use.
+    newcomers = [
+        await start_holder(
+            client, task_queue, pool_name, f"n{i}", capacity=cap, hold_s=0.3, reap_interval_s=reap_s
+        )
+        for i in range(5)
+    ]
+    recovering = await until_status(client, pool_name, lambda s: s.recovering, within_s=30)
+    print(f"\nfresh run recovering with {len(recovering.holders)} holders re-asserted so far")
+
+    everyone = holders + waiters + newcomers
+    outcomes = await asyncio.wait_for(asyncio.gather(*(outcome(h) for h in everyone)), timeout=180)
+    final = await until_status(client, pool_name, lambda s: not s.holders and not s.waiting)
+    assert outcomes == ["completed"] * len(everyone), "every holder and waiter was served"
+    assert ledger.max_seen <= cap, f"cap {cap} exceeded: {ledger.max_seen} held at once"
+    assert ledger.entries == len(everyone) and ledger.current == set()
+    assert not final.recovering
+    # Old waiters, forgotten with the terminated run, came back on their own rechecks.
+    assert final.granted_total == len(waiters) + len(newcomers)
+
+
+async def test_thousands_of_waiters_are_granted_in_fifo_across_continue_as_new(
+    client: Client, task_queue: str, pool_name: str, ledger: Ledger
+) -> None:
+    waiters = 2500
+    semaphore = await client.start_workflow(
+        SlotSemaphoreWorkflow.run,
+        SemaphoreInput(pool=pool_name, capacity=0, reap_interval_s=30),
+        id=semaphore_workflow_id(pool_name),
+        task_queue=task_queue,
+    )
+    # A few sink workflows stand in for thousands of holders: each gives back every slot it is
+    # granted, so the queue drains through real grants and releases.
+    sinks = [
+        await client.start_workflow(
+            GrantSinkWorkflow.run, pool_name, id=f"{pool_name}-sink{k}", task_queue=task_queue
+        )
+        for k in range(20)
+    ]
+    sink_runs = [(sink.id, (await sink.describe()).run_id) for sink in sinks]
+    now = datetime.now(UTC)
+    sending = asyncio.Semaphore(16)
+
+    async def acquire(i: int) -> None:
+        sink_id, sink_run = sink_runs[i % len(sink_runs)]
+        request = AcquireRequest(
+            request_id=f"{pool_name}-w{i}",
+            holder_workflow_id=sink_id,
+            holder_run_id=sink_run,
+            requested_at=now,
+        )
+        async with sending:
+            while True:
+                try:
+                    await semaphore.signal(SlotSemaphoreWorkflow.acquire, request)
+                    return
+                except RPCError as error:
+                    # Refused while a run is continuing as new; the next run takes it.
+                    if error.status != RPCStatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                await asyncio.sleep(0.05)
+
+    started = time.monotonic()
+    await asyncio.gather(*(acquire(i) for i in range(waiters)))
+    queued = await until_status(client, pool_name, lambda s: s.waiting == waiters, within_s=60)
+    assert len(queued.waiters) < waiters, "status shows the head of the queue, not all of it"
+    await semaphore.signal(SlotSemaphoreWorkflow.set_capacity, 20)
+    final = await until_status(
+        client,
+        pool_name,
+        lambda s: s.granted_total == waiters and not s.waiting and not s.holders,
+        within_s=150,
+    )
+    elapsed = time.monotonic() - started
+    history = await read_semaphore_history(client, pool_name)
+
+    print(
+        f"\n{waiters} waiters: {len(history.runs)} runs, max task {history.max_task_s * 1000:.0f} ms, "
+        f"largest carried input {max(r.input_bytes for r in history.runs)} bytes, "
+        f"{elapsed:.1f}s; task failures {[c for r in history.runs for c in r.task_failures]}"
+    )
+    for run in history.runs:
+        print(
+            f"  run {run.run_id[:8]}: {run.events} events, input {run.input_bytes} bytes, "
+            f"max task {run.max_task_s:.3f}s, failures {run.task_failures}"
+        )
+    assert final.holders == []
+    assert sum([await sink.query(GrantSinkWorkflow.released_count) for sink in sinks]) == waiters
+    for sink in sinks:
+        await sink.terminate("test over")
+    assert len(history.acquired) == waiters
+    assert sorted(history.granted) == sorted(history.acquired), "each waiter granted exactly once"
+    assert history.fifo_violations() == 0
+    assert history.granted == history.acquired
+    assert sum(run.continued_as_new for run in history.runs) >= 2
+    assert history.harmful_task_failures == []
+    # Thousands of waiters are carried packed; unpacked they would be ~250 bytes each.
+    assert max(run.input_bytes for run in history.runs) < waiters * 100

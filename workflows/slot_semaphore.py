@@ -3,12 +3,21 @@
 Acquire, grant and release travel as signals (a workflow cannot send an Update to another
 workflow). Each request has an id, so duplicates are harmless. A holder is recorded before
 its grant is sent, so the cap counts every slot that might be in use.
+
+Every signal costs O(1) however long the queue (see `mayfly.slot_queue`), and a run continues
+as new after a bounded number of events with its queue packed small, so a backlog of tens of
+thousands neither slows workflow tasks nor approaches a payload limit.
+
+A run started without carried state may follow a terminated or failed run whose holders it
+cannot see. If an earlier run exists, it grants nothing for a grace period in which every live
+holder re-asserts its slot (`SlotLease` rechecks on a timer) and waiters re-send `acquire`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from collections.abc import Coroutine
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
@@ -18,16 +27,27 @@ with workflow.unsafe.imports_passed_through():
     from mayfly import metrics
     from mayfly.models import (
         AcquireRequest,
+        CarriedSemaphore,
         DeadHolderCheck,
+        EarlierRunCheck,
         Holder,
         HolderView,
         ReleaseRequest,
         SemaphoreInput,
         SemaphoreStatus,
         SlotGrant,
+        SlotLookup,
+        recovery_grace_s,
     )
+    from mayfly.slot_queue import ReleasedMemory, WaiterQueue, pack, unpack
 
-RECENTLY_RELEASED_KEPT = 2000
+# Each acquire, release and grant is an event or two. Continuing well before the
+# server's own suggestion (4K events by default) keeps the replay after an eviction short: under
+# a flood of signals a slow replay lets more than 100 signals pile up during one task, which
+# the server answers by failing the task (FORCE_CLOSE_COMMAND) and a longer replay still.
+CONTINUE_AFTER_EVENTS = 1_000
+CONTINUE_AFTER_BYTES = 2 * 1024 * 1024
+STATUS_WAITERS_SHOWN = 100
 GRANT_SIGNAL = "slot_granted"
 
 
@@ -35,12 +55,27 @@ GRANT_SIGNAL = "slot_granted"
 class SlotSemaphoreWorkflow:
     @workflow.init
     def __init__(self, state: SemaphoreInput) -> None:
-        self._s = state
-        self._released = set(state.recently_released)
+        self._pool = state.pool
+        self._capacity = state.capacity
+        self._reap_interval_s = state.reap_interval_s
+        carried = state.carried or CarriedSemaphore()
+        self._holders: dict[str, Holder] = {h.request.request_id: h for h in carried.holders}
+        waiters, released = unpack(carried.packed_queue)
+        self._waiters = WaiterQueue(waiters)
+        self._released = ReleasedMemory(released)
+        self._granted_total = carried.granted_total
+        self._reclaimed_total = carried.reclaimed_total
+        self._recovering_until: datetime | None = carried.recovering_until
+        # Until the first task has checked for an earlier run, nothing may be granted.
+        self._checked_earlier_runs = state.carried is not None
         # Grants are sent concurrently: awaiting each signal in turn would cost one workflow
         # task round trip per grant and serialise every handoff behind the previous one.
         self._grants_in_flight: set[asyncio.Task[None]] = set()
         self._reap: asyncio.Task[list[str]] | None = None
+        self._reap_due = False
+        self._reap_clock_running = False
+        # Timer tasks are kept referenced until they fire; none is ever cancelled.
+        self._clocks: set[asyncio.Task[None]] = set()
         # Set by every signal so the loop refreshes the UI details and gauges after it.
         self._dirty = False
         self._instruments: metrics.SemaphoreMetrics | None = None
@@ -49,11 +84,22 @@ class SlotSemaphoreWorkflow:
     def acquire(self, request: AcquireRequest) -> None:
         self._dirty = True
         rid = request.request_id
-        if rid in self._s.holders or rid in self._released:
+        if rid in self._holders or rid in self._released:
             return
-        if any(waiter.request_id == rid for waiter in self._s.waiters):
+        # A full queue drops the request; the waiter's recheck finds that out and asks again.
+        self._waiters.push(request)
+
+    @workflow.signal
+    def reassert(self, holder: Holder) -> None:
+        """A holder whose slot this run does not know: the state was lost, so take it back
+        (even past the cap: the slot is in use) and hold grants until others re-assert too."""
+        self._dirty = True
+        rid = holder.request.request_id
+        if rid in self._holders or rid in self._released:
             return
-        self._s.waiters.append(request)
+        self._waiters.remove(rid)
+        self._holders[rid] = holder
+        self._start_recovery()
 
     @workflow.signal
     def release(self, request: ReleaseRequest) -> None:
@@ -64,57 +110,78 @@ class SlotSemaphoreWorkflow:
     def set_capacity(self, capacity: int) -> None:
         # Lowering the cap never revokes a held slot; it only holds back new grants.
         self._dirty = True
-        self._s.capacity = max(0, capacity)
+        self._capacity = max(0, capacity)
 
     @workflow.query
     def status(self) -> SemaphoreStatus:
         now = workflow.now()
         return SemaphoreStatus(
-            pool=self._s.pool,
-            capacity=self._s.capacity,
+            pool=self._pool,
+            capacity=self._capacity,
             holders=[
                 HolderView(
                     request_id=rid,
                     workflow_id=holder.request.holder_workflow_id,
                     held_for_s=(now - holder.granted_at).total_seconds(),
                 )
-                for rid, holder in self._s.holders.items()
+                for rid, holder in self._holders.items()
             ],
-            waiters=[waiter.request_id for waiter in self._s.waiters],
-            granted_total=self._s.granted_total,
-            reclaimed_total=self._s.reclaimed_total,
+            waiters=self._waiters.head(STATUS_WAITERS_SHOWN),
+            waiting=len(self._waiters),
+            granted_total=self._granted_total,
+            reclaimed_total=self._reclaimed_total,
+            recovering=self._recovering(),
         )
 
+    @workflow.query
+    def lookup(self, request_id: str) -> SlotLookup:
+        if request_id in self._holders:
+            return SlotLookup.HOLDING
+        if request_id in self._waiters:
+            return SlotLookup.WAITING
+        if request_id in self._released:
+            return SlotLookup.RELEASED
+        return SlotLookup.UNKNOWN
+
     def _forget(self, request_id: str) -> None:
-        self._s.holders.pop(request_id, None)
-        self._s.waiters = [w for w in self._s.waiters if w.request_id != request_id]
+        self._holders.pop(request_id, None)
+        self._waiters.remove(request_id)
         # Remembered even when unknown: a release can overtake its own acquire (the holder
         # was cancelled while its acquire was still in flight).
-        self._remember_released(request_id)
-
-    def _remember_released(self, request_id: str) -> None:
-        if request_id in self._released:
-            return
         self._released.add(request_id)
-        self._s.recently_released.append(request_id)
-        if len(self._s.recently_released) > RECENTLY_RELEASED_KEPT:
-            dropped = self._s.recently_released.pop(0)
-            self._released.discard(dropped)
+
+    def _start_recovery(self) -> None:
+        until = workflow.now() + timedelta(seconds=recovery_grace_s(self._reap_interval_s))
+        if self._recovering_until is None or until > self._recovering_until:
+            self._recovering_until = until
+            self._start_clock(self._recovery_clock(until))
+            workflow.logger.warning("semaphore %s recovering its holders until %s", self._pool, until)
+
+    def _recovering(self) -> bool:
+        if not self._checked_earlier_runs:
+            return True
+        # Pure: the status query calls it too, and a query must not change the state.
+        return self._recovering_until is not None and workflow.now() < self._recovering_until
 
     def _can_grant(self) -> bool:
-        return bool(self._s.waiters) and len(self._s.holders) < self._s.capacity
+        return bool(self._waiters) and len(self._holders) < self._capacity and not self._recovering()
 
-    def _grant_next(self) -> None:
-        request = self._s.waiters.pop(0)
+    def _grant_all_possible(self) -> None:
         granted_at = workflow.now()
-        self._s.holders[request.request_id] = Holder(request=request, granted_at=granted_at)
-        self._s.granted_total += 1
-        self._metrics().wait_seconds.record((granted_at - request.requested_at).total_seconds())
-        task = asyncio.create_task(self._send_grant(request))
-        self._grants_in_flight.add(task)
-        task.add_done_callback(self._grants_in_flight.discard)
+        while self._can_grant():
+            request = self._waiters.pop_first()
+            # Recorded as a holder before the grant leaves, so the cap counts it from now on.
+            self._holders[request.request_id] = Holder(request=request, granted_at=granted_at)
+            self._granted_total += 1
+            self._metrics().wait_seconds.record((granted_at - request.requested_at).total_seconds())
+            task = asyncio.create_task(self._send_grant(request))
+            self._grants_in_flight.add(task)
+            task.add_done_callback(self._grants_in_flight.discard)
 
     async def _send_grant(self, request: AcquireRequest) -> None:
+        # A signal command, not a local activity: a command takes effect only once the server
+        # accepts the workflow task, so a task it refuses (a signal arrived meanwhile) cannot
+        # have granted a slot that its replay then hands to someone else.
         handle = workflow.get_external_workflow_handle(
             request.holder_workflow_id, run_id=request.holder_run_id
         )
@@ -127,10 +194,10 @@ class SlotSemaphoreWorkflow:
             self._forget(request.request_id)
 
     def _start_reap(self) -> None:
-        holders = list(self._s.holders.values())
+        holders = list(self._holders.values())
         self._reap = workflow.start_activity_method(
             SlotActivities.reclaim_dead_holders,
-            DeadHolderCheck(pool=self._s.pool, holders=holders),
+            DeadHolderCheck(pool=self._pool, holders=holders),
             start_to_close_timeout=timedelta(minutes=2),
             heartbeat_timeout=timedelta(seconds=30),
             summary=f"check {len(holders)} holders are alive",
@@ -145,63 +212,107 @@ class SlotSemaphoreWorkflow:
             dead = []
         self._reap = None
         for request_id in dead:
-            if request_id in self._s.holders:
-                self._s.reclaimed_total += 1
+            if request_id in self._holders:
+                self._reclaimed_total += 1
                 self._metrics().reclaimed.add(1)
                 self._forget(request_id)
 
+    async def _check_earlier_runs(self) -> None:
+        info = workflow.info()
+        earlier = await workflow.execute_local_activity_method(
+            SlotActivities.had_earlier_run,
+            EarlierRunCheck(workflow_id=info.workflow_id, run_id=info.run_id),
+            start_to_close_timeout=timedelta(seconds=30),
+            summary="did an earlier run hand out slots?",
+        )
+        self._checked_earlier_runs = True
+        if earlier:
+            self._start_recovery()
+
     def _metrics(self) -> metrics.SemaphoreMetrics:
         if self._instruments is None:
-            self._instruments = metrics.SemaphoreMetrics(workflow.metric_meter(), self._s.pool)
+            self._instruments = metrics.SemaphoreMetrics(workflow.metric_meter(), self._pool)
         return self._instruments
 
-    def _publish_gauges(self) -> None:
+    def _publish(self) -> None:
         instruments = self._metrics()
-        instruments.held.set(len(self._s.holders))
-        instruments.waiters.set(len(self._s.waiters))
-        instruments.capacity.set(self._s.capacity)
+        instruments.held.set(len(self._holders))
+        instruments.waiters.set(len(self._waiters))
+        instruments.capacity.set(self._capacity)
+        recovering = " (recovering: waiting for holders to re-assert)" if self._recovering() else ""
+        workflow.set_current_details(
+            f"**{len(self._holders)}/{self._capacity}** slots held, {len(self._waiters)} waiting{recovering}"
+        )
 
-    def _quiescent(self) -> bool:
-        return not self._grants_in_flight and workflow.all_handlers_finished()
+    def _should_continue_as_new(self) -> bool:
+        info = workflow.info()
+        return (
+            info.is_continue_as_new_suggested()
+            or info.get_current_history_length() >= CONTINUE_AFTER_EVENTS
+            or info.get_current_history_size() >= CONTINUE_AFTER_BYTES
+        )
 
     def _has_work(self) -> bool:
         reaped = self._reap is not None and self._reap.done()
-        return self._dirty or self._can_grant() or reaped or workflow.info().is_continue_as_new_suggested()
+        return self._dirty or self._reap_due or self._can_grant() or reaped or self._should_continue_as_new()
+
+    async def _continue_as_new(self) -> None:
+        # Everything in flight must land in the state before it is carried over; grants are
+        # held back meanwhile, and signals that arrive are handled in O(1) and carried.
+        await workflow.wait_condition(lambda: not self._grants_in_flight and workflow.all_handlers_finished())
+        if self._reap is not None:
+            await self._finish_reap()
+        workflow.continue_as_new(
+            SemaphoreInput(
+                pool=self._pool,
+                capacity=self._capacity,
+                reap_interval_s=self._reap_interval_s,
+                carried=CarriedSemaphore(
+                    holders=list(self._holders.values()),
+                    packed_queue=pack(self._waiters, self._released),
+                    granted_total=self._granted_total,
+                    reclaimed_total=self._reclaimed_total,
+                    recovering_until=self._recovering_until if self._recovering() else None,
+                ),
+            )
+        )
+
+    def _start_clock(self, clock: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(clock)
+        self._clocks.add(task)
+        task.add_done_callback(self._clocks.discard)
+
+    async def _reap_clock(self) -> None:
+        await workflow.sleep(self._reap_interval_s, summary="next holder check")
+        self._reap_due = True
+        self._reap_clock_running = False
+
+    async def _recovery_clock(self, until: datetime) -> None:
+        await workflow.sleep(max(timedelta(milliseconds=10), until - workflow.now()), summary="recovery ends")
+        self._dirty = True
 
     @workflow.run
     async def run(self, state: SemaphoreInput) -> None:
-        # The reap clock runs on its own deadline, so steady grant traffic cannot starve it.
-        next_reap = workflow.now() + timedelta(seconds=self._s.reap_interval_s)
+        if not self._checked_earlier_runs:
+            await self._check_earlier_runs()
+        if state.carried is not None and self._recovering():
+            assert self._recovering_until is not None
+            self._start_clock(self._recovery_clock(self._recovering_until))
         while True:
-            while self._can_grant():
-                self._grant_next()
+            self._grant_all_possible()
             if self._reap is not None and self._reap.done():
                 await self._finish_reap()
                 continue
             self._dirty = False
-            workflow.set_current_details(
-                f"**{len(self._s.holders)}/{self._s.capacity}** slots held, {len(self._s.waiters)} waiting"
-            )
-            self._publish_gauges()
-            if workflow.info().is_continue_as_new_suggested():
-                # Everything in flight must land in self._s before it is carried over.
-                await workflow.wait_condition(
-                    lambda: not self._grants_in_flight and workflow.all_handlers_finished()
-                )
-                if self._reap is not None:
-                    await self._finish_reap()
-                self._s.recently_released = [r for r in self._s.recently_released if r in self._released]
-                workflow.continue_as_new(self._s)
-            if self._s.holders and self._reap is None and workflow.now() >= next_reap:
+            self._publish()
+            if self._should_continue_as_new():
+                await self._continue_as_new()
+            if self._reap_due and self._holders and self._reap is None:
                 self._start_reap()
-                next_reap = workflow.now() + timedelta(seconds=self._s.reap_interval_s)
-            if not self._s.holders:
-                next_reap = workflow.now() + timedelta(seconds=self._s.reap_interval_s)
-            try:
-                await workflow.wait_condition(
-                    self._has_work,
-                    timeout=(next_reap - workflow.now()) if self._s.holders and self._reap is None else None,
-                    timeout_summary="check holders are alive",
-                )
-            except TimeoutError:
-                pass
+            self._reap_due = False
+            # The reap clock runs on its own timer, never cancelled: a wait with a timeout would
+            # start and cancel a timer in every task, two events each time.
+            if self._holders and self._reap is None and not self._reap_clock_running:
+                self._reap_clock_running = True
+                self._start_clock(self._reap_clock())
+            await workflow.wait_condition(self._has_work)

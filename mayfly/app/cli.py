@@ -13,9 +13,12 @@ import argparse
 import asyncio
 import logging
 import sys
+from datetime import timedelta
 from pathlib import Path
 
-from temporalio.client import Client
+from temporalio.client import Client, RPCTimeoutOrCancelledError, WorkflowQueryRejectedError
+from temporalio.common import QueryRejectCondition
+from temporalio.service import RPCError, RPCStatusCode
 
 from mayfly.config import ConfigError, MayflySettings, load_settings_or_report
 from mayfly.logs import configure_logging
@@ -83,19 +86,45 @@ async def _dev(args: argparse.Namespace) -> int:
         server.stop()
 
 
-async def _status(settings: MayflySettings) -> int:
+async def _status(settings: MayflySettings, query_timeout_s: float = 10.0) -> int:
     client: Client = await connect(settings.temporal)
     for pool in settings.pools:
         handle = client.get_workflow_handle(semaphore_workflow_id(pool.name))
         try:
-            status = await handle.query("status", result_type=SemaphoreStatus)
+            status = await handle.query(
+                "status",
+                result_type=SemaphoreStatus,
+                reject_condition=QueryRejectCondition.NOT_OPEN,
+                rpc_timeout=timedelta(seconds=query_timeout_s),
+            )
         except Exception as error:
-            print(f"{pool.name}: no semaphore yet ({type(error).__name__})")
+            print(f"{pool.name}: {_semaphore_unavailable(error)}")
             continue
-        print(f"{pool.name}: {len(status.holders)}/{status.capacity} held, {len(status.waiters)} waiting")
+        recovering = " (recovering: waiting for holders to re-assert)" if status.recovering else ""
+        print(
+            f"{pool.name}: {len(status.holders)}/{status.capacity} held, {status.waiting} waiting{recovering}"
+        )
         for holder in status.holders:
             print(f"  {holder.workflow_id}  held {holder.held_for_s:.0f}s")
     return 0
+
+
+def _semaphore_unavailable(error: Exception) -> str:
+    """Why a pool shows no slots: absent, closed and busy semaphores need different actions."""
+    if isinstance(error, RPCError) and error.status == RPCStatusCode.NOT_FOUND:
+        return "no semaphore yet"
+    if isinstance(error, WorkflowQueryRejectedError):
+        state = error.status.name if error.status is not None else "closed"
+        return f"semaphore not running ({state}); the next job's request starts a new one"
+    # The client's own deadline surfaces as CANCELLED ("Timeout expired"), the server's as
+    # DEADLINE_EXCEEDED: both mean no worker answered the query in time.
+    timed_out = isinstance(error, RPCTimeoutOrCancelledError) or (
+        isinstance(error, RPCError)
+        and error.status in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED)
+    )
+    if timed_out:
+        return "semaphore not answering (query timed out); is a worker running for its task queue?"
+    return f"semaphore query failed ({type(error).__name__}: {error})"
 
 
 async def _setup(settings: MayflySettings) -> int:

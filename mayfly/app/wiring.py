@@ -102,8 +102,7 @@ def build_workers(
             container_activities.spawn,
             container_activities.wait_exit,
             container_activities.terminate,
-            slot_activities.request,
-            slot_activities.reclaim_dead_holders,
+            *slot_activities.all(),
             sweep_activities.containers,
             # Waits ten seconds before its first call and is usually cancelled by then; on the
             # rate-limited queue each start would spend a mint's share of the budget.

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from pydantic import BaseModel
 from temporalio import activity, workflow
 
 with workflow.unsafe.imports_passed_through():
-    from mayfly.models import SlotGrant
+    from activities.slots import SlotActivities
+    from mayfly.models import ReleaseRequest, SlotGrant, SlotRelease
     from workflows.slot_lease import SlotLease
 
 
@@ -34,6 +35,8 @@ class Ledger:
     exited: set[str] = field(default_factory=set)
     max_seen: int = 0
     entries: int = 0
+    # A second entry for the same request: a slot granted twice.
+    duplicates: int = 0
     entered_at: dict[str, float] = field(default_factory=dict)
     exited_at: dict[str, float] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -41,6 +44,7 @@ class Ledger:
     @activity.defn(name="test.ledger_enter")
     async def enter(self, request_id: str) -> None:
         if request_id in self.exited or request_id in self.current:
+            self.duplicates += 1
             return
         self.current.add(request_id)
         self.entries += 1
@@ -102,3 +106,87 @@ class SlotHolderWorkflow:
                 )
         finally:
             await self._lease.release()
+
+
+@workflow.defn(name="LightSlotHolder", sandboxed=False)
+class LightSlotHolderWorkflow(SlotHolderWorkflow):
+    """The same holder outside the workflow sandbox, for a benchmark that starts thousands.
+
+    A sandboxed workflow re-imports its modules on creation; at 10,000 acquirers on two
+    cores that, not the semaphore under test, would set the pace.
+    """
+
+    @workflow.run
+    async def run(self, params: HolderInput) -> None:
+        await super().run(params)
+
+
+class CycleTimes(BaseModel):
+    granted: list[datetime]
+    released: list[datetime]
+
+
+@workflow.defn(name="BenchSlotHolder")
+class BenchHolderWorkflow:
+    """Takes and returns a slot `cycles` times; no instrumentation activities on the hot path."""
+
+    @workflow.init
+    def __init__(self, params: HolderInput) -> None:
+        self._lease = SlotLease(params.pool, params.capacity, params.reap_interval_s)
+
+    @workflow.signal(name="slot_granted")
+    def slot_granted(self, grant: SlotGrant) -> None:
+        self._lease.on_grant(grant)
+
+    @workflow.run
+    async def run(self, params: HolderInput) -> CycleTimes:
+        times = CycleTimes(granted=[], released=[])
+        for cycle in range(params.cycles):
+            if cycle:
+                self._lease = SlotLease(params.pool, params.capacity, params.reap_interval_s, key=str(cycle))
+            try:
+                await self._lease.acquire()
+                times.granted.append(workflow.now())
+            finally:
+                times.released.append(workflow.now())
+                await self._lease.release()
+        return times
+
+
+@workflow.defn(name="GrantSink")
+class GrantSinkWorkflow:
+    """Stands in for many holders at once: gives back every slot it is granted, at once.
+
+    Lets a test or benchmark push thousands of grants through a semaphore with a handful of
+    workflows instead of one workflow per acquirer.
+    """
+
+    @workflow.init
+    def __init__(self, pool: str) -> None:
+        self._granted: list[str] = []
+        self.released = 0
+
+    @workflow.signal(name="slot_granted")
+    def slot_granted(self, grant: SlotGrant) -> None:
+        self._granted.append(grant.request_id)
+
+    @workflow.query
+    def released_count(self) -> int:
+        return self.released
+
+    @workflow.run
+    async def run(self, pool: str) -> None:
+        while True:
+            await workflow.wait_condition(lambda: bool(self._granted))
+            batch, self._granted = self._granted, []
+            await asyncio.gather(
+                *(
+                    workflow.execute_local_activity_method(
+                        SlotActivities.release,
+                        SlotRelease(pool=pool, release=ReleaseRequest(request_id=request_id)),
+                        start_to_close_timeout=timedelta(seconds=10),
+                    )
+                    for request_id in batch
+                )
+            )
+            self.released += len(batch)
