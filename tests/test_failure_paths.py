@@ -13,7 +13,7 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from mayfly.app.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.app.wiring import start_sweeper
 from mayfly.backends.local import LocalProcessBackend
-from mayfly.config import LocalBackendSettings
+from mayfly.config import LocalBackendSettings, ModalBackendSettings
 from mayfly.github import GitHubClient
 from mayfly.models import JobPhase, job_workflow_id
 from simulator import FaultConfig
@@ -134,11 +134,12 @@ async def test_a_worker_start_hands_the_running_sweeper_its_pool_list(
     handle = stack.client.get_workflow_handle_for(
         SweeperWorkflow.run, sweeper_workflow_id(stack.settings.temporal.task_queue)
     )
-    assert (await handle.query(SweeperWorkflow.config)).pools == [stack.settings.pools[0].name]
-    extra = stack.settings.pools[0].model_copy(update={"name": "another-pool"})
+    # Local pools are swept by each host's own sweeper; the shared one takes provider pools.
+    assert (await handle.query(SweeperWorkflow.config)).pools == []
+    extra = stack.settings.pools[0].model_copy(update={"name": "gpu", "backend": ModalBackendSettings()})
     changed = stack.settings.model_copy(
         update={"pools": [*stack.settings.pools, extra], "sweep_interval_s": 7.0}
     )
     await start_sweeper(stack.client, changed)
     config = await handle.query(SweeperWorkflow.config)
-    assert config.pools == [stack.settings.pools[0].name, "another-pool"] and config.interval_s == 7.0
+    assert config.pools == ["gpu"] and config.interval_s == 7.0

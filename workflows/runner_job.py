@@ -505,15 +505,7 @@ class RunnerJobWorkflow:
                 stop_it=True,
             )
             self._metrics().webhook_to_spawn.record((workflow.now() - self._first_started_at).total_seconds())
-            exit_task = workflow.start_activity_method(
-                ContainerActivities.wait_exit,
-                container,
-                start_to_close_timeout=timedelta(seconds=params.max_lifetime_s + 600),
-                heartbeat_timeout=timedelta(seconds=30),
-                retry_policy=CLEANUP_RETRY,
-                summary=f"watch {track.name}",
-                task_queue=container.task_queue,
-            )
+            exit_task = self._watch(container)
             self._set_phase(JobPhase.REGISTERING, f"`{track.name}` to come online")
             if not await self._confirm_registration(track, minted, exit_task):
                 return self._registration_not_seen(track, exit_task)
@@ -682,6 +674,10 @@ class RunnerJobWorkflow:
                 if track.assigned_job is None:
                     track.assigned_job = -1
                 remaining = lifetime_end - workflow.now()
+                if exit_task is None and container:
+                    # Its spawn was cancelled or failed after the runner started and took a job:
+                    # watch it now, so the job is not killed with its container.
+                    exit_task = self._watch(self._container_ref(track, container))
                 if exit_task is None or exit_task.done() or remaining <= timedelta(0):
                     break
                 self._set_phase(JobPhase.TEARING_DOWN, f"`{track.name}` finishes the job it took")
@@ -697,11 +693,7 @@ class RunnerJobWorkflow:
         # The watcher returns only once the backend reports the container stopped: that is the
         # confirmation a terminate would give, one activity round trip sooner.
         if container and not exit_observed:
-            ref_to_stop = (
-                container
-                if isinstance(container, ContainerRef)
-                else ContainerRef(pool=self._params.job.pool, name=track.name, backend_id="")
-            )
+            ref_to_stop = self._container_ref(track, container)
             await workflow.execute_activity_method(
                 ContainerActivities.terminate,
                 ref_to_stop,
@@ -710,6 +702,24 @@ class RunnerJobWorkflow:
                 summary=f"terminate {track.name}",
                 task_queue=ref_to_stop.task_queue,
             )
+
+    def _container_ref(self, track: _RunnerTrack, container: ContainerRef | bool) -> ContainerRef:
+        """The spawned container's reference, or one by name for a spawn that failed or was
+        cancelled (it may still have created the container)."""
+        if isinstance(container, ContainerRef):
+            return container
+        return ContainerRef(pool=self._params.job.pool, name=track.name, backend_id="")
+
+    def _watch(self, container: ContainerRef) -> asyncio.Task[ContainerExit]:
+        return workflow.start_activity_method(
+            ContainerActivities.wait_exit,
+            container,
+            start_to_close_timeout=timedelta(seconds=self._params.max_lifetime_s + 600),
+            heartbeat_timeout=timedelta(seconds=30),
+            retry_policy=CLEANUP_RETRY,
+            summary=f"watch {container.name}",
+            task_queue=container.task_queue,
+        )
 
     async def _deregister(self, ref: RunnerRef) -> DeregisterOutcome:
         return await self._github_call(
