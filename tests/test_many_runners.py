@@ -10,23 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from pathlib import Path
 
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client
 
 from mayfly.app.embedded import EmbeddedStack
-from mayfly.backends import ContainerState
-from mayfly.models import host_task_queue, job_workflow_id
+from mayfly.backends import ContainerBackend, ContainerState
+from mayfly.models import job_workflow_id
 
 RUNNERS = 150
 
 
-async def unwatched_jobs(client: Client, job_ids: list[int], host_queue: str) -> dict[int, str]:
-    """Jobs without exactly one exit watcher running on the host queue, with what they have."""
+async def unwatched_runners(client: Client, backend: ContainerBackend) -> dict[str, str]:
+    """Owner workflows without one started exit watcher per live runner of theirs.
+
+    Runners are not bound to jobs, so a runner may serve another job than the one whose workflow
+    started it, and one workflow may own two runners (one finishing another job in the
+    background): the watchers are counted per owner."""
+    running = Counter(r.owner_workflow_id for r in await backend.list() if r.state is ContainerState.RUNNING)
     unwatched = {}
-    for job_id in job_ids:
-        description = await client.get_workflow_handle(job_workflow_id(job_id)).describe()
+    for owner, count in running.items():
+        description = await client.get_workflow_handle(owner).describe()
         watchers = [
             activity
             for activity in description.raw_description.pending_activities
@@ -38,8 +44,8 @@ async def unwatched_jobs(client: Client, job_ids: list[int], host_queue: str) ->
             if activity.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
             and activity.last_worker_identity
         ]
-        if len(started) != 1:
-            unwatched[job_id] = (
+        if len(started) != count:
+            unwatched[owner] = f"{len(started)} started watchers for {count} runners: " + (
                 "; ".join(
                     f"{PendingActivityState.Name(w.state)} attempt {w.attempt} {w.last_failure.message!r}"
                     for w in watchers
@@ -79,15 +85,14 @@ async def test_150_long_jobs_on_one_worker_are_all_spawned_and_watched(
 
         running = [r for r in await stack.backend.list() if r.state is ContainerState.RUNNING]
         assert len(running) == RUNNERS, f"{len(running)} runner processes alive"
-        host_queue = host_task_queue(task_queue, stack.settings.host_id)
-        unwatched = await unwatched_jobs(client, job_ids, host_queue)
+        unwatched = await unwatched_runners(client, stack.backend)
         print(f"\n{RUNNERS} runners in progress after {all_running_s:.1f}s; unwatched at first: {unwatched}")
         # A watcher between a heartbeat timeout and its retry is pending, not started: allow it
         # to come back, within a deadline.
         async with asyncio.timeout(120):
             while unwatched:
                 await asyncio.sleep(1)
-                unwatched = await unwatched_jobs(client, job_ids, host_queue)
+                unwatched = await unwatched_runners(client, stack.backend)
 
         # The watchers work: ending the jobs ends the runners, and every workflow completes.
         for job_id in job_ids:
