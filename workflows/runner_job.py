@@ -120,16 +120,12 @@ class RunnerJobWorkflow:
         )
         self._slot_held_before_s = carry.slot_held_s if carry else 0.0
         self._ask_before_next_slot = False
-        self._runner_handed_off = False
         self._lease = SlotLease(params.job.pool, params.capacity, params.semaphore_reap_interval_s)
         self._leases_taken = 0
         self._lease_released = False
         self._phase = JobPhase.QUEUED
         self._phase_details = ""
         self._runner: _RunnerTrack | None = None
-        # Runners by name, including those handed off to finish another job in the background.
-        self._tracks: dict[str, _RunnerTrack] = {}
-        self._handed_off: list[asyncio.Task[None]] = []
         self._events_seen = 0
         self._runner_attribute: str | None = None
         self._instruments: metrics.JobMetrics | None = None
@@ -141,8 +137,8 @@ class RunnerJobWorkflow:
         self._events_seen += 1
         if event.job_id == self._params.job.job_id:
             self._learn(event.action, event.runner_name)
-        track = self._tracks.get(event.runner_name or "")
-        if track is not None:
+        track = self._runner
+        if track is not None and event.runner_name == track.name:
             track.online = True
             if event.action in ("in_progress", "completed"):
                 track.assigned_job = event.job_id
@@ -273,8 +269,7 @@ class RunnerJobWorkflow:
         )
 
     def _continue_as_new_due(self) -> bool:
-        # A handed-off runner's slot was asked for by this execution: it must end here.
-        return workflow.info().is_continue_as_new_suggested() and all(t.done() for t in self._handed_off)
+        return workflow.info().is_continue_as_new_suggested()
 
     async def _github_call(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run a GitHub activity; when GitHub asks for a long pause (a rate-limit reset minutes
@@ -331,14 +326,7 @@ class RunnerJobWorkflow:
     @workflow.run
     async def run(self, params: RunnerJobInput) -> RunnerJobResult:
         try:
-            try:
-                outcome = await self._serve()
-            finally:
-                # Runners handed off to other jobs are torn down, and their slots released, before
-                # the workflow may end: whatever ended the rest of it.
-                if self._handed_off:
-                    await self._uncancellable(asyncio.gather(*self._handed_off))
-            return self._result(outcome)
+            return self._result(await self._serve())
         except _ContinueAsNew:
             workflow.continue_as_new(self._carry_over())
         except BaseException as error:
@@ -452,23 +440,16 @@ class RunnerJobWorkflow:
                         non_retryable=True,
                     )
                 first_in_slot = False
-                ran_a_job = await self._run_one_runner()
-                if self._runner_handed_off:
-                    # The runner and this slot now serve another job; ours needs a new slot.
-                    return
-                if ran_a_job and self._job_needs_runner():
+                if await self._run_one_runner() and self._job_needs_runner():
                     self._ask_before_next_slot = True
                     return
                 if self._continue_as_new_due():
                     return
         finally:
-            if self._runner_handed_off:
-                self._runner_handed_off = False
-            else:
-                # The slot goes back only here, after every container of ours is confirmed gone.
-                await self._uncancellable(self._lease.release())
-                self._slot_held_before_s += self._lease.held_s()
-                self._lease_released = True
+            # The slot goes back only here, after every container of ours is confirmed gone.
+            await self._uncancellable(self._lease.release())
+            self._slot_held_before_s += self._lease.held_s()
+            self._lease_released = True
 
     async def _run_one_runner(self) -> bool:
         """Start one runner and see it gone; True if it ran some job (which may be ours)."""
@@ -479,7 +460,6 @@ class RunnerJobWorkflow:
             name=runner_name_for(params.runner_name_prefix, job.job_id, self._runners_started)
         )
         self._runner = track
-        self._tracks[track.name] = track
         minted: MintedRunner | None = None
         container: ContainerRef | None = None
         spawn_tried = False
@@ -531,53 +511,20 @@ class RunnerJobWorkflow:
                 return self._registration_not_seen(track, exit_task)
             self._set_phase(JobPhase.RUNNING, f"`{track.name}` is online")
             await self._wait_until_runner_done(track, exit_task, spawned_at)
-            if self._took_another_job(track) and self._job_needs_runner() and not exit_task.done():
-                # GitHub gave our runner another queued job (runners are not bound to jobs), whose
-                # own workflow then needed none. That job may run for hours: let the runner finish
-                # it in the background, holding this slot, and get our job a new runner.
-                self._hand_off(track, minted, container, exit_task, spawned_at)
-                return True
         except ActivityError as error:
             if is_cancelled_exception(error) or _permanent(error):
                 raise
             cause = "mint" if minted is None else "spawn"
             self._attempt_failed(cause, f"{track.name}: {error.cause or error}")
         finally:
-            if not self._runner_handed_off:
-                await self._uncancellable(
-                    self._teardown(
-                        track, minted, container if container else spawn_tried, exit_task, spawned_at
-                    )
-                )
+            await self._uncancellable(
+                self._teardown(track, minted, container if container else spawn_tried, exit_task, spawned_at)
+            )
         if track.reaped_idle and track.assigned_job is None:
             # An idle runner reaped while the job was still queued counts against the budget:
             # otherwise a job no runner can take would mint a new one every idle TTL, forever.
             self._attempt_failed("idle", f"{track.name} stayed idle for {params.idle_ttl_s:.0f}s")
         return track.assigned_job is not None or (exit_task is not None and _exit_code(exit_task) == 0)
-
-    def _took_another_job(self, track: _RunnerTrack) -> bool:
-        return track.assigned_job is not None and track.assigned_job not in (-1, self._params.job.job_id)
-
-    def _hand_off(
-        self,
-        track: _RunnerTrack,
-        minted: MintedRunner,
-        container: ContainerRef,
-        exit_task: asyncio.Task[ContainerExit],
-        spawned_at: datetime,
-    ) -> None:
-        lease = self._lease
-        self._runner_handed_off = True
-
-        async def finish() -> None:
-            await self._wait_until_runner_done(track, exit_task, spawned_at, hand_off=False)
-            await self._teardown(track, minted, container, exit_task, spawned_at)
-            await lease.release()
-            self._slot_held_before_s += lease.held_s()
-
-        self._handed_off.append(asyncio.create_task(finish()))
-        # A fresh lease for the next runner: a released or held request id is never granted again.
-        self._lease_released = True
 
     def _registration_not_seen(self, track: _RunnerTrack, exit_task: asyncio.Task[ContainerExit]) -> bool:
         """Account for a runner never seen online; True if its clean exit says it ran a job."""
@@ -631,12 +578,7 @@ class RunnerJobWorkflow:
         return track.online
 
     async def _wait_until_runner_done(
-        self,
-        track: _RunnerTrack,
-        exit_task: asyncio.Task[ContainerExit],
-        spawned_at: datetime,
-        *,
-        hand_off: bool = True,
+        self, track: _RunnerTrack, exit_task: asyncio.Task[ContainerExit], spawned_at: datetime
     ) -> None:
         params = self._params
         registered_at = workflow.now()
@@ -649,10 +591,7 @@ class RunnerJobWorkflow:
             # Our job went to another runner (or was cancelled) and ours has no job of its own.
             return track.assigned_job is None and not self._job_needs_runner()
 
-        def serves_another_job() -> bool:
-            return hand_off and self._took_another_job(track) and self._job_needs_runner()
-
-        while not exit_task.done() and not surplus() and not serves_another_job():
+        while not exit_task.done() and not surplus():
             now = workflow.now()
             if now >= lifetime_end:
                 self._last_error = f"{track.name} reaped at its max lifetime"
