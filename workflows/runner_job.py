@@ -687,12 +687,11 @@ class RunnerJobWorkflow:
                     )
                 except TimeoutError:
                     pass
-        exit_observed = exit_task is not None and _exited(exit_task)
         if exit_task is not None:
             await _cancel_quietly(exit_task)
-        # The watcher returns only once the backend reports the container stopped: that is the
-        # confirmation a terminate would give, one activity round trip sooner.
-        if container and not exit_observed:
+        # Always confirmed by a terminate, even after the watcher saw an exit: a watcher can
+        # also return because the backend lost track of the container (seen at 150 runners).
+        if container:
             ref_to_stop = self._container_ref(track, container)
             await workflow.execute_activity_method(
                 ContainerActivities.terminate,
