@@ -84,11 +84,16 @@ def test_json_logs_are_one_object_per_line(capsys: pytest.CaptureFixture[str]) -
 
     from mayfly.logs import configure_logging
 
+    root = logging.getLogger()
+    # The handler writes to this test's captured stderr, which is closed after the test: later
+    # tests would log into a closed stream.
+    saved_handlers, saved_level = root.handlers[:], root.level
     configure_logging("json")
     try:
         logging.getLogger("mayfly.test").warning("slot %s released", "r-1")
     finally:
-        configure_logging("text")
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
     entry = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert entry["level"] == "WARNING" and entry["message"] == "slot r-1 released"
     assert entry["logger"] == "mayfly.test"
