@@ -13,6 +13,7 @@ from temporalio.client import (
     WorkflowQueryRejectedError,
 )
 from temporalio.common import QueryRejectCondition, WorkflowIDConflictPolicy
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.host_sweep import HostSweepStatus, gone_from_every_host, host_reports
@@ -23,6 +24,7 @@ from mayfly.models import (
     Holder,
     RecheckOutcome,
     SemaphoreInput,
+    SemaphoreTerms,
     SlotLookup,
     SlotRecheck,
     SlotRelease,
@@ -34,8 +36,10 @@ LOOKUP_TIMEOUT = timedelta(seconds=5)
 
 
 class SlotActivities:
-    def __init__(self, backends: Mapping[str, ContainerBackend]) -> None:
+    def __init__(self, backends: Mapping[str, ContainerBackend], terms: Mapping[str, SemaphoreTerms]) -> None:
         self._backends = backends
+        # Read at every call, so a caller may add pools after construction (tests do).
+        self._terms = terms
 
     def all(self) -> list[Callable[..., Awaitable[object]]]:
         """Every activity a worker running semaphores and leases must register."""
@@ -48,16 +52,29 @@ class SlotActivities:
         ]
 
     @activity.defn(name="slots.request")
-    async def request(self, request: SlotRequest) -> None:
-        """Signal-with-start, so the first job of a pool brings its semaphore to life."""
+    async def request(self, request: SlotRequest) -> SemaphoreTerms:
+        """Signal-with-start, so the first job of a pool brings its semaphore to life.
+
+        Answers with the pool's terms, which the holder needs to time its rechecks."""
+        terms = self._terms_of(request.pool)
         await self._signal_with_start(request, "acquire", request.acquire)
+        return terms
+
+    def _terms_of(self, pool: str) -> SemaphoreTerms:
+        terms = self._terms.get(pool)
+        if terms is None:
+            raise ApplicationError(
+                f"pool {pool!r} is not in this worker's configuration (pools: {sorted(self._terms)})",
+                type="UnknownPool",
+                non_retryable=True,
+            )
+        return terms
 
     async def _signal_with_start(self, request: SlotRequest, signal: str, payload: object) -> None:
+        terms = self._terms_of(request.pool)
         await activity.client().start_workflow(
             "SlotSemaphore",
-            SemaphoreInput(
-                pool=request.pool, capacity=request.capacity, reap_interval_s=request.reap_interval_s
-            ),
+            SemaphoreInput(pool=request.pool, capacity=terms.capacity, reap_interval_s=terms.reap_interval_s),
             id=semaphore_workflow_id(request.pool),
             task_queue=request.task_queue,
             start_signal=signal,

@@ -31,7 +31,7 @@ from bench.cpu import dev_server_cpu_s, own_cpu_s
 from bench.semaphore_history import BENIGN_TASK_FAILURES, read_semaphore_history
 from bench.slot_holder import HolderInput, Ledger, LightSlotHolderWorkflow
 from mayfly.devserver import local_environment
-from mayfly.models import waiter_recheck_s
+from mayfly.models import SemaphoreTerms, waiter_recheck_s
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
 
 RSS_TARGET_MB = 512
@@ -69,9 +69,7 @@ async def enqueue(
         async with in_flight:
             handle = await client.start_workflow(
                 LightSlotHolderWorkflow.run,
-                HolderInput(
-                    pool=pool, capacity=args.cap, hold_s=args.hold_s, reap_interval_s=args.reap_interval_s
-                ),
+                HolderInput(pool=pool, hold_s=args.hold_s),
                 id=f"{pool}-{i}",
                 task_queue=task_queue,
             )
@@ -105,7 +103,13 @@ async def main() -> None:
         client,
         task_queue=task_queue,
         workflows=[SlotSemaphoreWorkflow, LightSlotHolderWorkflow],
-        activities=[*SlotActivities({}).all(), ledger.enter, ledger.exit],
+        activities=[
+            *SlotActivities(
+                {}, {pool: SemaphoreTerms(capacity=args.cap, reap_interval_s=args.reap_interval_s)}
+            ).all(),
+            ledger.enter,
+            ledger.exit,
+        ],
     ):
         t0 = time.monotonic()
         enqueue_task = asyncio.create_task(enqueue(client, task_queue, pool, args))

@@ -25,7 +25,7 @@ from activities.slots import SlotActivities
 from bench.cpu import dev_server_cpu_s
 from bench.slot_holder import BenchHolderWorkflow, CycleTimes, HolderInput
 from mayfly.devserver import local_environment
-from mayfly.models import semaphore_workflow_id
+from mayfly.models import SemaphoreTerms, semaphore_workflow_id
 from mayfly.process import exit_now
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
 
@@ -44,7 +44,7 @@ async def run_holders(
         started = time.time()
         handle = await client.start_workflow(
             BenchHolderWorkflow.run,
-            HolderInput(pool=pool, capacity=cap, reap_interval_s=30, cycles=cycles),
+            HolderInput(pool=pool, cycles=cycles),
             id=f"{pool}-{first + i}",
             task_queue=task_queue,
         )
@@ -73,7 +73,9 @@ async def main() -> None:
 
     env = await local_environment()
     task_queue = f"bench-{uuid.uuid4().hex[:6]}"
-    slots = SlotActivities({})
+    # The worker's configuration, as it would be for these pools.
+    terms: dict[str, SemaphoreTerms] = {}
+    slots = SlotActivities({}, terms)
     async with Worker(
         env.client,
         task_queue=task_queue,
@@ -82,6 +84,7 @@ async def main() -> None:
     ):
         # 1. Idle grant latency: one acquirer at a time, free slots; client start -> granted.
         pool = f"idle{uuid.uuid4().hex[:6]}"
+        terms[pool] = SemaphoreTerms(capacity=args.cap, reap_interval_s=30)
         idle: list[float] = []
         for i in range(args.idle_samples):
             ((started, times),) = await run_holders(env.client, task_queue, pool, 1, args.cap, first=i)
@@ -89,6 +92,7 @@ async def main() -> None:
 
         # 2. Backlog: twice as many looping holders as slots, each taking a slot in turn.
         pool = f"busy{uuid.uuid4().hex[:6]}"
+        terms[pool] = SemaphoreTerms(capacity=args.cap, reap_interval_s=30)
         holders = args.cap * 2
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         server_cpu0 = dev_server_cpu_s()

@@ -22,8 +22,6 @@ with workflow.unsafe.imports_passed_through():
 
 class HolderInput(BaseModel):
     pool: str
-    capacity: int
-    reap_interval_s: float = 2.0
     hold_s: float = 0.0
     # More than one cycle takes and returns a slot repeatedly, as a busy pool sees it.
     cycles: int = 1
@@ -74,38 +72,31 @@ class Ledger:
 class SlotHolderWorkflow:
     @workflow.init
     def __init__(self, params: HolderInput) -> None:
-        self._lease = SlotLease(params.pool, params.capacity, params.reap_interval_s)
-
-    @workflow.signal(name="slot_granted")
-    def slot_granted(self, grant: SlotGrant) -> None:
-        self._lease.on_grant(grant)
+        self._request_id = ""
 
     @workflow.query
     def request_id(self) -> str:
-        return self._lease.request_id
+        return self._request_id
 
     @workflow.run
     async def run(self, params: HolderInput) -> None:
         for cycle in range(params.cycles):
-            if cycle:
-                self._lease = SlotLease(params.pool, params.capacity, params.reap_interval_s, key=str(cycle))
-            await self._hold_once(params)
+            async with SlotLease(params.pool, key=str(cycle) if cycle else "") as lease:
+                self._request_id = lease.request_id
+                await lease.acquire()
+                await self._hold(lease.request_id, params.hold_s)
 
-    async def _hold_once(self, params: HolderInput) -> None:
+    async def _hold(self, request_id: str, hold_s: float) -> None:
+        await workflow.execute_local_activity_method(
+            Ledger.enter, request_id, start_to_close_timeout=timedelta(seconds=5)
+        )
         try:
-            await self._lease.acquire()
-            await workflow.execute_local_activity_method(
-                Ledger.enter, self._lease.request_id, start_to_close_timeout=timedelta(seconds=5)
-            )
-            try:
-                if params.hold_s > 0:
-                    await workflow.sleep(params.hold_s)
-            finally:
-                await workflow.execute_local_activity_method(
-                    Ledger.exit, self._lease.request_id, start_to_close_timeout=timedelta(seconds=5)
-                )
+            if hold_s > 0:
+                await workflow.sleep(hold_s)
         finally:
-            await self._lease.release()
+            await workflow.execute_local_activity_method(
+                Ledger.exit, request_id, start_to_close_timeout=timedelta(seconds=5)
+            )
 
 
 @workflow.defn(name="LightSlotHolder", sandboxed=False)
@@ -130,26 +121,14 @@ class CycleTimes(BaseModel):
 class BenchHolderWorkflow:
     """Takes and returns a slot `cycles` times; no instrumentation activities on the hot path."""
 
-    @workflow.init
-    def __init__(self, params: HolderInput) -> None:
-        self._lease = SlotLease(params.pool, params.capacity, params.reap_interval_s)
-
-    @workflow.signal(name="slot_granted")
-    def slot_granted(self, grant: SlotGrant) -> None:
-        self._lease.on_grant(grant)
-
     @workflow.run
     async def run(self, params: HolderInput) -> CycleTimes:
         times = CycleTimes(granted=[], released=[])
         for cycle in range(params.cycles):
-            if cycle:
-                self._lease = SlotLease(params.pool, params.capacity, params.reap_interval_s, key=str(cycle))
-            try:
-                await self._lease.acquire()
+            async with SlotLease(params.pool, key=str(cycle) if cycle else "") as lease:
+                await lease.acquire()
                 times.granted.append(workflow.now())
-            finally:
                 times.released.append(workflow.now())
-                await self._lease.release()
         return times
 
 

@@ -56,8 +56,6 @@ class JobDispatcher:
         return RunnerJobInput(
             job=job.model_copy(update={"pool": pool.name}),
             pool_labels=pool.labels,
-            capacity=pool.max_runners,
-            semaphore_reap_interval_s=self._settings.semaphore_reap_interval_s,
             registration_timeout_s=pool.registration_timeout_s,
             max_registration_attempts=pool.max_registration_attempts,
             idle_ttl_s=pool.idle_ttl_s,

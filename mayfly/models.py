@@ -67,8 +67,6 @@ class RunnerJobCarry(BaseModel):
 class RunnerJobInput(BaseModel):
     job: JobInfo
     pool_labels: list[str]
-    capacity: int = Field(ge=0)
-    semaphore_reap_interval_s: float = 20.0
     registration_timeout_s: float
     max_registration_attempts: int
     idle_ttl_s: float
@@ -123,7 +121,10 @@ class AcquireRequest(BaseModel):
 
 class ReleaseRequest(BaseModel):
     request_id: str
-    reason: str = "released"
+
+
+# The signal a semaphore sends a holder when its slot is granted.
+SLOT_GRANTED_SIGNAL = "slot_granted"
 
 
 class SlotGrant(BaseModel):
@@ -159,10 +160,16 @@ class SemaphoreInput(BaseModel):
     carried: CarriedSemaphore | None = None
 
 
+class SemaphoreTerms(BaseModel):
+    """A pool's cap and semaphore tuning: the worker's configuration, never a holder's say."""
+
+    capacity: int = Field(ge=0)
+    reap_interval_s: float = Field(default=20.0, gt=0)
+
+
 class SlotRequest(BaseModel):
     pool: str
-    capacity: int
-    reap_interval_s: float
+    # Where the semaphore runs if this request brings it to life.
     task_queue: str
     acquire: AcquireRequest
 

@@ -24,6 +24,7 @@ from mayfly.models import (
     ReleaseRequest,
     SemaphoreInput,
     SemaphoreStatus,
+    SemaphoreTerms,
     semaphore_workflow_id,
 )
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
@@ -37,13 +38,17 @@ async def ledger(client: Client, task_queue: str) -> AsyncIterator[Ledger]:
         task_queue=task_queue,
         workflows=[SlotSemaphoreWorkflow, SlotHolderWorkflow, GrantSinkWorkflow],
         activities=[
-            *SlotActivities({}).all(),
+            *SlotActivities({}, POOL_TERMS).all(),
             ledger.enter,
             ledger.exit,
         ],
         max_concurrent_workflow_tasks=50,
     ):
         yield ledger
+
+
+# What a worker's configuration would say of each pool; every test uses pools of its own.
+POOL_TERMS: dict[str, SemaphoreTerms] = {}
 
 
 async def start_holder(
@@ -56,9 +61,10 @@ async def start_holder(
     hold_s: float,
     reap_interval_s: float = 2.0,
 ) -> WorkflowHandle[SlotHolderWorkflow, None]:
+    POOL_TERMS[pool] = SemaphoreTerms(capacity=capacity, reap_interval_s=reap_interval_s)
     return await client.start_workflow(
         SlotHolderWorkflow.run,
-        HolderInput(pool=pool, capacity=capacity, hold_s=hold_s, reap_interval_s=reap_interval_s),
+        HolderInput(pool=pool, hold_s=hold_s),
         id=f"{pool}-{name}",
         task_queue=task_queue,
     )

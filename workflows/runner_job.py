@@ -47,9 +47,9 @@ with workflow.unsafe.imports_passed_through():
         RunnerJobState,
         RunnerRef,
         RunnerStatus,
-        SlotGrant,
         runner_name_for,
     )
+    from workflows.shield import uncancellable
     from workflows.slot_lease import SlotLease
 
 T = TypeVar("T")
@@ -120,9 +120,8 @@ class RunnerJobWorkflow:
         )
         self._slot_held_before_s = carry.slot_held_s if carry else 0.0
         self._ask_before_next_slot = False
-        self._lease = SlotLease(params.job.pool, params.capacity, params.semaphore_reap_interval_s)
+        self._lease: SlotLease | None = None
         self._leases_taken = 0
-        self._lease_released = False
         self._phase = JobPhase.QUEUED
         self._phase_details = ""
         self._runner: _RunnerTrack | None = None
@@ -146,10 +145,6 @@ class RunnerJobWorkflow:
                 track.finished = True
                 track.finished_at = workflow.now()
 
-    @workflow.signal(name="slot_granted")
-    def slot_granted(self, grant: SlotGrant) -> None:
-        self._lease.on_grant(grant)
-
     @workflow.query
     def state(self) -> RunnerJobState:
         return RunnerJobState(
@@ -158,7 +153,7 @@ class RunnerJobWorkflow:
             phase=self._phase,
             job_status=self._job_status,
             served_by=self._served_by,
-            slot_held=self._lease.granted,
+            slot_held=self._lease is not None and self._lease.granted,
             current_runner=self._runner.name if self._runner else None,
             runners_spawned=self._runners_started,
             registration_failures=self._failed_attempts,
@@ -242,7 +237,7 @@ class RunnerJobWorkflow:
         workflow.set_current_details(f"**{phase.value}**: {details}")
 
     def _slot_held_s(self) -> float:
-        return self._slot_held_before_s + (0.0 if self._lease_released else self._lease.held_s())
+        return self._slot_held_before_s + (self._lease.held_s() if self._lease is not None else 0.0)
 
     def _result(self, outcome: JobOutcome) -> RunnerJobResult:
         return RunnerJobResult(
@@ -304,22 +299,6 @@ class RunnerJobWorkflow:
             if not activity.cancelled():
                 activity.exception()  # retrieved: teardown looks for what it made by name
             raise
-
-    async def _uncancellable(self, work: Awaitable[T]) -> T:
-        """Run cleanup to its end even if the workflow is cancelled meanwhile; re-raise the cancel after."""
-        task = asyncio.ensure_future(work)
-        cancelled = False
-        while True:
-            try:
-                result = await asyncio.shield(task)
-                break
-            except asyncio.CancelledError:
-                if task.done():
-                    raise
-                cancelled = True
-        if cancelled:
-            raise asyncio.CancelledError("workflow cancelled during cleanup")
-        return result
 
     # --- main -----------------------------------------------------------------------------
 
@@ -400,56 +379,57 @@ class RunnerJobWorkflow:
 
     async def _serve_with_slot(self) -> None:
         """Hold a slot while starting runners for the queued job, until it needs none."""
+        self._leases_taken += 1
+        # A released request id is never granted again (the semaphore remembers it, so a late
+        # duplicate cannot take a slot nobody gives back): each slot in turn gets its own key.
+        lease = SlotLease(
+            self._params.job.pool, key="" if self._leases_taken == 1 else f"slot{self._leases_taken}"
+        )
+        self._lease = lease
+        try:
+            # The slot goes back when this block ends, after every container of ours is gone.
+            async with lease:
+                await self._hold_slot(lease)
+        finally:
+            self._slot_held_before_s += lease.held_s()
+            self._lease = None
+
+    async def _hold_slot(self, lease: SlotLease) -> None:
         job = self._params.job
         interval = timedelta(seconds=self._params.status_check_interval_s)
-        self._leases_taken += 1
-        if self._leases_taken > 1:
-            # A released request id is never granted again (the semaphore remembers it, so a late
-            # duplicate cannot take a slot nobody gives back): a new slot needs a new id.
-            params = self._params
-            self._lease = SlotLease(
-                job.pool, params.capacity, params.semaphore_reap_interval_s, key=f"slot{self._leases_taken}"
-            )
-            self._lease_released = False
-        try:
-            self._set_phase(JobPhase.WAITING_FOR_SLOT, f"a slot in pool `{job.pool}`")
+        self._set_phase(JobPhase.WAITING_FOR_SLOT, f"a slot in pool `{job.pool}`")
+        self._check_deadline("waiting for a slot")
+        while not await lease.acquire(
+            give_up=lambda: not self._job_needs_runner(), wait_at_most=min(interval, self._remaining())
+        ):
+            if not self._job_needs_runner():
+                return
             self._check_deadline("waiting for a slot")
-            while not await self._lease.acquire(
-                give_up=lambda: not self._job_needs_runner(), wait_at_most=min(interval, self._remaining())
-            ):
+            await self._ask_github("still queued while waiting for a slot?")
+            if self._continue_as_new_due() and self._job_needs_runner():
+                return
+        first_in_slot = True
+        while self._job_needs_runner():
+            if self._runners_started > 0 and not first_in_slot:
+                # A runner of ours failed to register; lost webhooks may hide that the job
+                # was served meanwhile, and another runner would only idle.
+                await self._ask_github("before starting another runner")
                 if not self._job_needs_runner():
-                    return
-                self._check_deadline("waiting for a slot")
-                await self._ask_github("still queued while waiting for a slot?")
-                if self._continue_as_new_due() and self._job_needs_runner():
-                    return
-            first_in_slot = True
-            while self._job_needs_runner():
-                if self._runners_started > 0 and not first_in_slot:
-                    # A runner of ours failed to register; lost webhooks may hide that the job
-                    # was served meanwhile, and another runner would only idle.
-                    await self._ask_github("before starting another runner")
-                    if not self._job_needs_runner():
-                        break
-                self._check_deadline("starting runners")
-                if self._failed_attempts >= self._params.max_registration_attempts:
-                    raise ApplicationError(
-                        f"no runner registered for job {job.job_id} after {self._failed_attempts} attempts; "
-                        f"last error: {self._last_error}",
-                        type="RegistrationFailed",
-                        non_retryable=True,
-                    )
-                first_in_slot = False
-                if await self._run_one_runner() and self._job_needs_runner():
-                    self._ask_before_next_slot = True
-                    return
-                if self._continue_as_new_due():
-                    return
-        finally:
-            # The slot goes back only here, after every container of ours is confirmed gone.
-            await self._uncancellable(self._lease.release())
-            self._slot_held_before_s += self._lease.held_s()
-            self._lease_released = True
+                    break
+            self._check_deadline("starting runners")
+            if self._failed_attempts >= self._params.max_registration_attempts:
+                raise ApplicationError(
+                    f"no runner registered for job {job.job_id} after {self._failed_attempts} attempts; "
+                    f"last error: {self._last_error}",
+                    type="RegistrationFailed",
+                    non_retryable=True,
+                )
+            first_in_slot = False
+            if await self._run_one_runner() and self._job_needs_runner():
+                self._ask_before_next_slot = True
+                return
+            if self._continue_as_new_due():
+                return
 
     async def _run_one_runner(self) -> bool:
         """Start one runner and see it gone; True if it ran some job (which may be ours)."""
@@ -517,7 +497,7 @@ class RunnerJobWorkflow:
             cause = "mint" if minted is None else "spawn"
             self._attempt_failed(cause, f"{track.name}: {error.cause or error}")
         finally:
-            await self._uncancellable(
+            await uncancellable(
                 self._teardown(track, minted, container if container else spawn_tried, exit_task, spawned_at)
             )
         if track.reaped_idle and track.assigned_job is None:

@@ -1,13 +1,19 @@
-"""The holder's side of the slot semaphore, for use inside any workflow.
+"""The holder's side of a pool's slot semaphore, for use inside any workflow.
 
-The owning workflow forwards its `slot_granted` signal to `on_grant` and must call `release`
-in a `finally`, so the slot goes back on success, failure and cancellation alike.
+    async with SlotLease(pool) as lease:
+        if await lease.acquire():
+            ...  # the slot is held until the block ends, on every path
+
+The lease registers the workflow's `slot_granted` signal handler while the block runs and
+gives the slot back when it ends: on success, failure and cancellation alike (a cancel waits
+for the release). The pool's cap and tuning come from the worker's configuration (the
+`slots.request` activity answers with them), never from the holder.
 
 The semaphore can lose its state (an operator terminates or resets it). So a lease never
 trusts it blindly: while waiting it rechecks now and then that it is still queued (rarely:
-thousands may wait), and once granted a background task rechecks every
-`holder_recheck_s` that the semaphore still counts the slot, re-asserting it if not. A fresh
-semaphore run grants nothing until holders have had time to do so (`recovery_grace_s`).
+thousands may wait), and once granted a background task rechecks every `holder_recheck_s`
+that the semaphore still counts the slot, re-asserting it if not. A fresh semaphore run
+grants nothing until holders have had time to do so (`recovery_grace_s`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from types import TracebackType
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -23,8 +30,10 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from activities.slots import SlotActivities
     from mayfly.models import (
+        SLOT_GRANTED_SIGNAL,
         AcquireRequest,
         ReleaseRequest,
+        SemaphoreTerms,
         SlotGrant,
         SlotRecheck,
         SlotRelease,
@@ -32,28 +41,41 @@ with workflow.unsafe.imports_passed_through():
         holder_recheck_s,
         waiter_recheck_s,
     )
+    from workflows.shield import uncancellable
 
 SLOT_CALL_TIMEOUT = timedelta(seconds=10)
 
 
 class SlotLease:
-    def __init__(self, pool: str, capacity: int, reap_interval_s: float, *, key: str = "") -> None:
+    """One request for one slot of `pool`; `key` tells apart the slots a workflow takes in turn."""
+
+    def __init__(self, pool: str, *, key: str = "") -> None:
         info = workflow.info()
-        # Unique per run (a continued-as-new or reset holder asks for a new slot), and per key
-        # for a workflow that takes several slots in turn.
+        # Unique per run (a continued-as-new or reset holder asks for a new slot), and per key:
+        # the semaphore never grants a released request id again.
         self.request_id = f"{info.workflow_id}/{info.run_id}" + (f"/{key}" if key else "")
-        self._pool = pool
-        self._capacity = capacity
-        self._reap_interval_s = reap_interval_s
-        self._request: SlotRequest | None = None
-        self._watch: asyncio.Task[None] | None = None
+        self.pool = pool
         self.granted = False
         self.granted_at: datetime | None = None
+        self._request: SlotRequest | None = None
+        self._terms: SemaphoreTerms | None = None
+        self._watch: asyncio.Task[None] | None = None
 
-    def on_grant(self, grant: SlotGrant) -> None:
-        if grant.request_id == self.request_id and not self.granted:
-            self.granted = True
-            self.granted_at = workflow.now()
+    async def __aenter__(self) -> SlotLease:
+        workflow.set_signal_handler(SLOT_GRANTED_SIGNAL, self._on_grant)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await uncancellable(self._release())
+        # Not in a `finally`: a workflow evicted from the worker's cache unwinds through here
+        # outside its event loop. A grant for this request arriving later is buffered for the
+        # next lease, which ignores it: its request id differs.
+        workflow.set_signal_handler(SLOT_GRANTED_SIGNAL, None)
 
     def held_s(self) -> float:
         return (workflow.now() - self.granted_at).total_seconds() if self.granted_at else 0.0
@@ -61,14 +83,12 @@ class SlotLease:
     async def acquire(
         self, give_up: Callable[[], bool] = lambda: False, wait_at_most: timedelta | None = None
     ) -> bool:
-        """Wait for a slot; returns False if `give_up()` became true or `wait_at_most` passed first.
+        """Wait for the slot; False if `give_up()` became true or `wait_at_most` passed first.
 
-        Asking again after that is harmless (the request id makes it idempotent)."""
+        Asking again after that is harmless: the request id makes it idempotent."""
         info = workflow.info()
         self._request = SlotRequest(
-            pool=self._pool,
-            capacity=self._capacity,
-            reap_interval_s=self._reap_interval_s,
+            pool=self.pool,
             task_queue=info.task_queue,
             acquire=AcquireRequest(
                 request_id=self.request_id,
@@ -77,12 +97,12 @@ class SlotLease:
                 requested_at=workflow.now(),
             ),
         )
-        await workflow.execute_local_activity_method(
+        self._terms = await workflow.execute_local_activity_method(
             SlotActivities.request, self._request, start_to_close_timeout=SLOT_CALL_TIMEOUT
         )
         until = workflow.now() + wait_at_most if wait_at_most is not None else None
         while not (self.granted or give_up()):
-            timeout = self._jittered(waiter_recheck_s(self._reap_interval_s))
+            timeout = self._jittered(waiter_recheck_s(self._terms.reap_interval_s))
             if until is not None:
                 if until <= workflow.now():
                     break
@@ -94,29 +114,35 @@ class SlotLease:
             except TimeoutError:
                 if until is None or workflow.now() < until:
                     await self._recheck()
-        if self.granted:
-            self._watch = asyncio.create_task(self._watch_slot())
+        if self.granted and self._watch is None:
+            self._watch = asyncio.create_task(self._watch_slot(self._terms))
         return self.granted
 
-    async def release(self) -> None:
-        """Safe to call whether the slot was granted, is still queued, or was never requested."""
+    def _on_grant(self, grant: SlotGrant) -> None:
+        if grant.request_id == self.request_id and not self.granted:
+            self.granted = True
+            self.granted_at = workflow.now()
+
+    async def _release(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
+        if self._request is None:
+            return  # never asked: the semaphore has nothing of ours
         # A local activity, not a signal command: the command's completion event would cost
         # this workflow one more task before it can finish.
         await workflow.execute_local_activity_method(
             SlotActivities.release,
-            SlotRelease(pool=self._pool, release=ReleaseRequest(request_id=self.request_id)),
+            SlotRelease(pool=self.pool, release=ReleaseRequest(request_id=self.request_id)),
             start_to_close_timeout=SLOT_CALL_TIMEOUT,
         )
         self.granted = False
 
-    async def _watch_slot(self) -> None:
-        """Runs while the slot is held, until `release` cancels it."""
+    async def _watch_slot(self, terms: SemaphoreTerms) -> None:
+        """Runs while the slot is held, until the release cancels it."""
         while True:
             await workflow.sleep(
-                self._jittered(holder_recheck_s(self._reap_interval_s)), summary="recheck slot"
+                self._jittered(holder_recheck_s(terms.reap_interval_s)), summary="recheck slot"
             )
             await self._recheck()
 

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.slots import SlotActivities
     from mayfly import metrics
     from mayfly.models import (
+        SLOT_GRANTED_SIGNAL,
         AcquireRequest,
         CarriedSemaphore,
         DeadHolderCheck,
@@ -48,7 +49,6 @@ with workflow.unsafe.imports_passed_through():
 CONTINUE_AFTER_EVENTS = 1_000
 CONTINUE_AFTER_BYTES = 2 * 1024 * 1024
 STATUS_WAITERS_SHOWN = 100
-GRANT_SIGNAL = "slot_granted"
 
 
 @workflow.defn(name="SlotSemaphore")
@@ -186,7 +186,7 @@ class SlotSemaphoreWorkflow:
             request.holder_workflow_id, run_id=request.holder_run_id
         )
         try:
-            await handle.signal(GRANT_SIGNAL, SlotGrant(request_id=request.request_id))
+            await handle.signal(SLOT_GRANTED_SIGNAL, SlotGrant(request_id=request.request_id))
         except ApplicationError as error:
             if error.type != "ExternalWorkflowExecutionNotFound":
                 raise

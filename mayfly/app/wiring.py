@@ -34,7 +34,13 @@ from mayfly.hardening import make_non_dumpable
 from mayfly.health import health_app
 from mayfly.logs import configure_logging
 from mayfly.metrics import prometheus_runtime
-from mayfly.models import SemaphoreInput, host_task_queue, semaphore_workflow_id, watch_task_queue
+from mayfly.models import (
+    SemaphoreInput,
+    SemaphoreTerms,
+    host_task_queue,
+    semaphore_workflow_id,
+    watch_task_queue,
+)
 from mayfly.process import stop_on_signals
 from mayfly.sealing import Sealer
 from mayfly.serving import serve
@@ -89,7 +95,7 @@ def build_workers(
     container_activities = ContainerActivities(
         backends, sealer, host_task_queue=host_queue, watch_task_queue=watch_queue
     )
-    slot_activities = SlotActivities(backends)
+    slot_activities = SlotActivities(backends, semaphore_terms(settings))
     sweep_activities = SweepActivities(github, backends, settings)
     host_sweep_activities = HostSweepActivities(backends)
     shutdown = timedelta(seconds=graceful_shutdown_s)
@@ -202,14 +208,23 @@ async def start_host_sweeper(
         await asyncio.sleep(0.2)
 
 
+def semaphore_terms(settings: MayflySettings) -> dict[str, SemaphoreTerms]:
+    """Each pool's cap and semaphore tuning, as this worker's configuration sets them."""
+    return {
+        pool.name: SemaphoreTerms(
+            capacity=pool.max_runners, reap_interval_s=settings.semaphore_reap_interval_s
+        )
+        for pool in settings.pools
+    }
+
+
 async def sync_capacities(client: Client, settings: MayflySettings) -> None:
     """Push each pool's configured cap to its semaphore, so a config change needs no restart of it."""
     for pool in settings.pools:
+        terms = semaphore_terms(settings)[pool.name]
         await client.start_workflow(
             SlotSemaphoreWorkflow.run,
-            SemaphoreInput(
-                pool=pool.name, capacity=pool.max_runners, reap_interval_s=settings.semaphore_reap_interval_s
-            ),
+            SemaphoreInput(pool=pool.name, capacity=terms.capacity, reap_interval_s=terms.reap_interval_s),
             id=semaphore_workflow_id(pool.name),
             task_queue=settings.temporal.task_queue,
             start_signal="set_capacity",

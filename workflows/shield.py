@@ -1,0 +1,30 @@
+"""Running cleanup to its end inside a workflow that is being cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def uncancellable(work: Awaitable[T]) -> T:
+    """Run `work` to its end even if the workflow is cancelled meanwhile; re-raise the cancel after.
+
+    Cleanup (giving a slot back, tearing a runner down) must not stop half-way because an
+    operator cancelled the workflow: that is exactly when it must run.
+    """
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError("workflow cancelled during cleanup")
+    return result
