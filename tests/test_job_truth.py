@@ -306,3 +306,31 @@ async def test_a_job_whose_runner_served_an_older_job_takes_a_new_slot_and_is_se
     assert sim.job(newer).conclusion == "success" and sim.job(newer).runner_name == f"mayfly-{newer}-a2"
     assert result.runners_spawned == 2
     await until(lambda: nothing_left(stack))
+
+
+async def test_a_job_whose_runner_took_a_long_job_gets_a_new_runner_without_waiting_for_it(
+    stack_factory: StackFactory,
+) -> None:
+    # As above, but the older job is long: the runner the newer job started serves it for
+    # minutes. The newer job must not wait in the queue that long for its only runner; it gets a
+    # second slot and runner while the first finishes the older job under its own slot.
+    stack = await stack_factory(max_runners=2, reconcile_min_age_s=600.0)
+    sim = stack.simulator
+    sim.set_faults(FaultConfig(webhook_drop_rate=1.0, webhook_drop_actions=["queued"]))
+    (older,) = stack.queue_jobs(1, duration_s=600.0)
+    await sim.wait_for(lambda: any(d.job_id == older and d.dropped for d in sim.deliveries()), 10)
+    sim.set_faults(FaultConfig())
+    (newer,) = stack.queue_jobs(1, duration_s=1.0)
+    await stack.wait_workflow_started(newer)
+    await sim.wait_for(lambda: sim.job(newer).conclusion == "success", 90)
+    assert sim.job(older).runner_name == f"mayfly-{newer}-a1" and sim.job(older).status == "in_progress"
+    assert sim.job(newer).runner_name == f"mayfly-{newer}-a2"
+    handle = job_handle(stack, newer)
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING, (
+        "the runner finishing the older job still holds its slot"
+    )
+    sim.cancel_job(older)
+    async with asyncio.timeout(90):
+        result = RunnerJobResult.model_validate(await handle.result())
+    assert result.runners_spawned == 2 and result.outcome == "served"
+    await until(lambda: nothing_left(stack))

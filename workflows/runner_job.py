@@ -76,6 +76,20 @@ class _RunnerTrack:
     finished: bool = False
     finished_at: datetime | None = None
     reaped_idle: bool = False
+    # GitHub gave it another job while ours still needs a runner: it finishes that job in the
+    # background, under its own slot, while the workflow's phase follows the job's next runner.
+    detached: bool = False
+
+
+@dataclass
+class _SlotUnit:
+    """One slot and the runners started under it, in turn."""
+
+    lease: SlotLease
+    # Its runner took another job while ours stayed queued. The runner keeps this slot until it
+    # is gone, and the job gets a runner under a new slot: otherwise a long job could hold our
+    # job's only runner while our job waits in the queue, stranded.
+    handed_off: bool = False
 
 
 def _permanent(error: ActivityError) -> bool:
@@ -125,6 +139,8 @@ class RunnerJobWorkflow:
         self._phase = JobPhase.QUEUED
         self._phase_details = ""
         self._runner: _RunnerTrack | None = None
+        self._tracks: dict[str, _RunnerTrack] = {}
+        self._handed_off: list[asyncio.Task[None]] = []
         self._events_seen = 0
         self._runner_attribute: str | None = None
         self._instruments: metrics.JobMetrics | None = None
@@ -136,8 +152,8 @@ class RunnerJobWorkflow:
         self._events_seen += 1
         if event.job_id == self._params.job.job_id:
             self._learn(event.action, event.runner_name)
-        track = self._runner
-        if track is not None and event.runner_name == track.name:
+        track = self._tracks.get(event.runner_name or "")
+        if track is not None:
             track.online = True
             if event.action in ("in_progress", "completed"):
                 track.assigned_job = event.job_id
@@ -235,6 +251,11 @@ class RunnerJobWorkflow:
         self._phase = phase
         self._phase_details = details
         workflow.set_current_details(f"**{phase.value}**: {details}")
+
+    def _set_runner_phase(self, track: _RunnerTrack, phase: JobPhase, details: str) -> None:
+        # A handed-off runner's end is not where the job is: the job's next runner is.
+        if not track.detached:
+            self._set_phase(phase, details)
 
     def _slot_held_s(self) -> float:
         return self._slot_held_before_s + (self._lease.held_s() if self._lease is not None else 0.0)
@@ -334,6 +355,28 @@ class RunnerJobWorkflow:
         return self._params.model_copy(update={"carry": carry})
 
     async def _serve(self) -> JobOutcome:
+        try:
+            return await self._serve_job()
+        finally:
+            # Runners handed off to other jobs still hold slots: the workflow (and its
+            # continue-as-new, which must not carry a held slot) waits until they are gone.
+            await uncancellable(self._settle_handed_off())
+
+    async def _settle_handed_off(self) -> None:
+        if not self._handed_off:
+            return
+        settled_phase = (self._phase, self._phase_details)
+        self._set_phase(
+            JobPhase.TEARING_DOWN, f"{len(self._handed_off)} runner(s) of ours finish jobs GitHub gave them"
+        )
+        await workflow.wait(self._handed_off)
+        self._set_phase(*settled_phase)
+        failures = [t.exception() for t in self._handed_off if not t.cancelled() and t.exception()]
+        self._handed_off = []
+        if failures and failures[0] is not None:
+            raise failures[0]
+
+    async def _serve_job(self) -> JobOutcome:
         if self._job_status == "unknown":
             await self._ask_github("started without a webhook")
         while True:
@@ -382,19 +425,37 @@ class RunnerJobWorkflow:
         self._leases_taken += 1
         # A released request id is never granted again (the semaphore remembers it, so a late
         # duplicate cannot take a slot nobody gives back): each slot in turn gets its own key.
-        lease = SlotLease(
-            self._params.job.pool, key="" if self._leases_taken == 1 else f"slot{self._leases_taken}"
-        )
-        self._lease = lease
+        key = "" if self._leases_taken == 1 else f"slot{self._leases_taken}"
+        unit = _SlotUnit(lease=SlotLease(self._params.job.pool, key=key))
+        self._lease = unit.lease
+        held = asyncio.create_task(self._hold(unit))
+        try:
+            await workflow.wait_condition(lambda: held.done() or unit.handed_off)
+        except asyncio.CancelledError:
+            # The cancel goes to the slot's own task, whose teardown runs to its end.
+            held.cancel()
+            await workflow.wait([held])
+            raise
+        if held.done():
+            await held
+            return
+        self._handed_off.append(held)
+        # Most likely our job is still queued; a lagging webhook may say otherwise. Asked
+        # before the next slot, holding none.
+        self._ask_before_next_slot = True
+
+    async def _hold(self, unit: _SlotUnit) -> None:
         try:
             # The slot goes back when this block ends, after every container of ours is gone.
-            async with lease:
-                await self._hold_slot(lease)
+            async with unit.lease:
+                await self._hold_slot(unit)
         finally:
-            self._slot_held_before_s += lease.held_s()
-            self._lease = None
+            self._slot_held_before_s += unit.lease.held_s()
+            if self._lease is unit.lease:
+                self._lease = None
 
-    async def _hold_slot(self, lease: SlotLease) -> None:
+    async def _hold_slot(self, unit: _SlotUnit) -> None:
+        lease = unit.lease
         job = self._params.job
         interval = timedelta(seconds=self._params.status_check_interval_s)
         self._set_phase(JobPhase.WAITING_FOR_SLOT, f"a slot in pool `{job.pool}`")
@@ -425,13 +486,16 @@ class RunnerJobWorkflow:
                     non_retryable=True,
                 )
             first_in_slot = False
-            if await self._run_one_runner() and self._job_needs_runner():
+            ran_a_job = await self._run_one_runner(unit)
+            if unit.handed_off:
+                return
+            if ran_a_job and self._job_needs_runner():
                 self._ask_before_next_slot = True
                 return
             if self._continue_as_new_due():
                 return
 
-    async def _run_one_runner(self) -> bool:
+    async def _run_one_runner(self, unit: _SlotUnit) -> bool:
         """Start one runner and see it gone; True if it ran some job (which may be ours)."""
         params = self._params
         job = params.job
@@ -440,6 +504,7 @@ class RunnerJobWorkflow:
             name=runner_name_for(params.runner_name_prefix, job.job_id, self._runners_started)
         )
         self._runner = track
+        self._tracks[track.name] = track
         minted: MintedRunner | None = None
         container: ContainerRef | None = None
         spawn_tried = False
@@ -490,7 +555,7 @@ class RunnerJobWorkflow:
             if not await self._confirm_registration(track, minted, exit_task):
                 return self._registration_not_seen(track, exit_task)
             self._set_phase(JobPhase.RUNNING, f"`{track.name}` is online")
-            await self._wait_until_runner_done(track, exit_task, spawned_at)
+            await self._wait_until_runner_done(track, exit_task, spawned_at, unit)
         except ActivityError as error:
             if is_cancelled_exception(error) or _permanent(error):
                 raise
@@ -558,7 +623,11 @@ class RunnerJobWorkflow:
         return track.online
 
     async def _wait_until_runner_done(
-        self, track: _RunnerTrack, exit_task: asyncio.Task[ContainerExit], spawned_at: datetime
+        self,
+        track: _RunnerTrack,
+        exit_task: asyncio.Task[ContainerExit],
+        spawned_at: datetime,
+        unit: _SlotUnit,
     ) -> None:
         params = self._params
         registered_at = workflow.now()
@@ -571,7 +640,18 @@ class RunnerJobWorkflow:
             # Our job went to another runner (or was cancelled) and ours has no job of its own.
             return track.assigned_job is None and not self._job_needs_runner()
 
+        job_id = params.job.job_id
         while not exit_task.done() and not surplus():
+            if track.assigned_job not in (None, job_id) and self._job_needs_runner() and not unit.handed_off:
+                track.detached = unit.handed_off = True
+                workflow.logger.info(
+                    "%s took job %s while job %s is still queued: it finishes that job under its own "
+                    "slot, and job %s gets a new runner",
+                    track.name,
+                    track.assigned_job,
+                    job_id,
+                    job_id,
+                )
             now = workflow.now()
             if now >= lifetime_end:
                 self._last_error = f"{track.name} reaped at its max lifetime"
@@ -621,7 +701,7 @@ class RunnerJobWorkflow:
 
         `container` is the spawned container's reference, or True when a spawn was tried and
         failed: it may have created the container before failing, so it is terminated by name."""
-        self._set_phase(JobPhase.TEARING_DOWN, f"`{track.name}`")
+        self._set_runner_phase(track, JobPhase.TEARING_DOWN, f"`{track.name}`")
         lifetime_end = spawned_at + timedelta(seconds=self._params.max_lifetime_s)
         # An ephemeral runner that took a job and then exited, or whose listener exited cleanly
         # (it does so only after its job or once its registration is gone), has been removed by
@@ -660,7 +740,9 @@ class RunnerJobWorkflow:
                     exit_task = self._watch(self._container_ref(track, container))
                 if exit_task is None or exit_task.done() or remaining <= timedelta(0):
                     break
-                self._set_phase(JobPhase.TEARING_DOWN, f"`{track.name}` finishes the job it took")
+                self._set_runner_phase(
+                    track, JobPhase.TEARING_DOWN, f"`{track.name}` finishes the job it took"
+                )
                 try:
                     await workflow.wait_condition(
                         exit_task.done, timeout=remaining, timeout_summary="busy runner to finish"

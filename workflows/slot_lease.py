@@ -46,6 +46,31 @@ with workflow.unsafe.imports_passed_through():
 SLOT_CALL_TIMEOUT = timedelta(seconds=10)
 
 
+class _GrantRouter:
+    """The workflow's one `slot_granted` handler, handing each grant to the lease that asked.
+
+    A workflow may hold several leases at once (a runner finishing another job keeps its slot
+    while the workflow takes a new one), and a signal has one handler per workflow."""
+
+    def __init__(self) -> None:
+        self.leases: dict[str, SlotLease] = {}
+
+    @staticmethod
+    def of_this_workflow() -> _GrantRouter:
+        handler = workflow.get_signal_handler(SLOT_GRANTED_SIGNAL)
+        router = getattr(handler, "__self__", None)
+        if isinstance(router, _GrantRouter):
+            return router
+        router = _GrantRouter()
+        workflow.set_signal_handler(SLOT_GRANTED_SIGNAL, router.deliver)
+        return router
+
+    def deliver(self, grant: SlotGrant) -> None:
+        lease = self.leases.get(grant.request_id)
+        if lease is not None:
+            lease._on_grant(grant)
+
+
 class SlotLease:
     """One request for one slot of `pool`; `key` tells apart the slots a workflow takes in turn."""
 
@@ -62,7 +87,7 @@ class SlotLease:
         self._watch: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> SlotLease:
-        workflow.set_signal_handler(SLOT_GRANTED_SIGNAL, self._on_grant)
+        _GrantRouter.of_this_workflow().leases[self.request_id] = self
         return self
 
     async def __aexit__(
@@ -73,9 +98,8 @@ class SlotLease:
     ) -> None:
         await uncancellable(self._release())
         # Not in a `finally`: a workflow evicted from the worker's cache unwinds through here
-        # outside its event loop. A grant for this request arriving later is buffered for the
-        # next lease, which ignores it: its request id differs.
-        workflow.set_signal_handler(SLOT_GRANTED_SIGNAL, None)
+        # outside its event loop. A grant for this request arriving later finds no lease.
+        _GrantRouter.of_this_workflow().leases.pop(self.request_id, None)
 
     def held_s(self) -> float:
         return (workflow.now() - self.granted_at).total_seconds() if self.granted_at else 0.0
