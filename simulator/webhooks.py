@@ -24,7 +24,7 @@ DeliveryState = Literal["pending", "delivered", "failed", "dropped", "undelivere
 WEBHOOK_TIMEOUT_S = 10.0
 # Deliveries posted at once. GitHub sends each delivery on its own, so a slow receiver delays
 # some of them, not every later one.
-MAX_IN_FLIGHT = 1
+MAX_IN_FLIGHT = 8
 
 
 class DeliveryRecord(BaseModel):
