@@ -152,7 +152,7 @@ class ContainerActivities:
                     raise backend_failure(error) from None
                 return ContainerExit(exit_code=record.exit_code if record else None)
             activity.heartbeat()
-            await asyncio.sleep(self._poll_interval_s)
+            await backend.wait(ref.name, self._poll_interval_s)
 
     @activity.defn(name="containers.terminate")
     async def terminate(self, ref: ContainerRef) -> ContainerExit:

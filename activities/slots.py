@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from temporalio import activity
 from temporalio.client import (
+    Client,
     RPCTimeoutOrCancelledError,
     WorkflowExecutionStatus,
     WorkflowQueryFailedError,
@@ -18,11 +19,14 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.host_sweep import HostSweepStatus, gone_from_every_host, host_reports
 from mayfly.backends import BackendError, ContainerBackend, ContainerState
+from mayfly.group_commit import GroupCommit
 from mayfly.models import (
+    AcquireRequest,
     DeadHolderCheck,
     EarlierRunCheck,
     Holder,
     RecheckOutcome,
+    ReleaseRequest,
     SemaphoreInput,
     SemaphoreTerms,
     SlotLookup,
@@ -33,6 +37,10 @@ from mayfly.models import (
 )
 
 LOOKUP_TIMEOUT = timedelta(seconds=5)
+# At most this many acquires or releases a signal (a few hundred bytes each).
+SIGNAL_BATCH = 500
+# A flooded semaphore gets at most ten acquire signals a second from each worker.
+ACQUIRE_SIGNAL_GAP_S = 0.1
 
 
 class SlotActivities:
@@ -40,6 +48,18 @@ class SlotActivities:
         self._backends = backends
         # Read at every call, so a caller may add pools after construction (tests do).
         self._terms = terms
+        # Thousands of jobs queued within a minute would otherwise send a semaphore a signal
+        # each: a run flooded with signals cannot continue as new (every new event voids the
+        # attempt) and ends at the server's signal limit. Batched, an idle pool pays nothing
+        # and a flooded one gets a few signals a second. Releases are not held back: each
+        # one may free a slot for a waiter.
+        self._acquires: GroupCommit[tuple[str, str], AcquireRequest] = GroupCommit(
+            self._send_acquires, max_batch=SIGNAL_BATCH, min_gap_s=ACQUIRE_SIGNAL_GAP_S
+        )
+        self._releases: GroupCommit[str, ReleaseRequest] = GroupCommit(
+            self._send_releases, max_batch=SIGNAL_BATCH
+        )
+        self._client: Client | None = None
 
     def all(self) -> list[Callable[..., Awaitable[object]]]:
         """Every activity a worker running semaphores and leases must register."""
@@ -57,8 +77,13 @@ class SlotActivities:
 
         Answers with the pool's terms, which the holder needs to time its rechecks."""
         terms = self._terms_of(request.pool)
-        await self._signal_with_start(request, "acquire", request.acquire)
+        self._client = activity.client()
+        await self._acquires.submit((request.pool, request.task_queue), request.acquire)
         return terms
+
+    async def _send_acquires(self, where: tuple[str, str], requests: list[AcquireRequest]) -> None:
+        pool, task_queue = where
+        await self._start_with(pool, task_queue, "acquire_batch", requests)
 
     def _terms_of(self, pool: str) -> SemaphoreTerms:
         terms = self._terms.get(pool)
@@ -71,24 +96,34 @@ class SlotActivities:
         return terms
 
     async def _signal_with_start(self, request: SlotRequest, signal: str, payload: object) -> None:
-        terms = self._terms_of(request.pool)
-        await activity.client().start_workflow(
+        await self._start_with(request.pool, request.task_queue, signal, payload)
+
+    async def _start_with(self, pool: str, task_queue: str, signal: str, payload: object) -> None:
+        terms = self._terms_of(pool)
+        # The worker's client, kept from an activity: batches are sent outside any one activity.
+        client = self._client or activity.client()
+        await client.start_workflow(
             "SlotSemaphore",
-            SemaphoreInput(pool=request.pool, capacity=terms.capacity, reap_interval_s=terms.reap_interval_s),
-            id=semaphore_workflow_id(request.pool),
-            task_queue=request.task_queue,
+            SemaphoreInput(pool=pool, capacity=terms.capacity, reap_interval_s=terms.reap_interval_s),
+            id=semaphore_workflow_id(pool),
+            task_queue=task_queue,
             start_signal=signal,
             start_signal_args=[payload],
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            static_summary=f"Slot semaphore for pool {request.pool}",
+            static_summary=f"Slot semaphore for pool {pool}",
         )
 
     @activity.defn(name="slots.release")
     async def release(self, request: SlotRelease) -> None:
         """Give a slot back; a semaphore that is gone has nothing to give back to."""
-        handle = activity.client().get_workflow_handle(semaphore_workflow_id(request.pool))
+        self._client = activity.client()
+        await self._releases.submit(request.pool, request.release)
+
+    async def _send_releases(self, pool: str, releases: list[ReleaseRequest]) -> None:
+        assert self._client is not None
+        handle = self._client.get_workflow_handle(semaphore_workflow_id(pool))
         try:
-            await handle.signal("release", request.release)
+            await handle.signal("release_batch", releases)
         except RPCError as error:
             if error.status != RPCStatusCode.NOT_FOUND:
                 raise

@@ -29,6 +29,9 @@ class DelegatingBackend:
     async def inspect(self, name: str) -> ContainerRecord | None:
         return await self._inner.inspect(name)
 
+    async def wait(self, name: str, timeout_s: float) -> None:
+        await self._inner.wait(name, timeout_s)
+
     async def terminate(self, name: str) -> ContainerRecord | None:
         return await self._inner.terminate(name)
 

@@ -82,6 +82,15 @@ class SlotSemaphoreWorkflow:
 
     @workflow.signal
     def acquire(self, request: AcquireRequest) -> None:
+        self._enqueue(request)
+
+    @workflow.signal
+    def acquire_batch(self, requests: list[AcquireRequest]) -> None:
+        """Acquires of many holders in one signal (see `SlotActivities`), in their order."""
+        for request in requests:
+            self._enqueue(request)
+
+    def _enqueue(self, request: AcquireRequest) -> None:
         self._dirty = True
         rid = request.request_id
         if rid in self._holders or rid in self._released:
@@ -105,6 +114,12 @@ class SlotSemaphoreWorkflow:
     def release(self, request: ReleaseRequest) -> None:
         self._dirty = True
         self._forget(request.request_id)
+
+    @workflow.signal
+    def release_batch(self, requests: list[ReleaseRequest]) -> None:
+        self._dirty = True
+        for request in requests:
+            self._forget(request.request_id)
 
     @workflow.signal
     def set_capacity(self, capacity: int) -> None:

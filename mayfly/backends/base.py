@@ -57,6 +57,11 @@ class ContainerBackend(Protocol):
 
     async def inspect(self, name: str) -> ContainerRecord | None: ...
 
+    async def wait(self, name: str, timeout_s: float) -> None:
+        """Return once the container may have exited, or after `timeout_s`; callers inspect
+        afterwards. Lets an exit be seen when it happens rather than at the next poll."""
+        ...
+
     async def terminate(self, name: str) -> ContainerRecord | None:
         """Stop the container and return only once it is confirmed gone (None if this backend has no
         record of it: never spawned, or already confirmed gone and forgotten)."""

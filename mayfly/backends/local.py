@@ -315,6 +315,33 @@ class LocalProcessBackend:
     async def inspect(self, name: str) -> ContainerRecord | None:
         return await asyncio.to_thread(self._inspect, name)
 
+    async def wait(self, name: str, timeout_s: float) -> None:
+        record = await asyncio.to_thread(self._load, name)
+        if record is None:
+            return
+        try:
+            # A pidfd turns readable when the process exits: an event, where polling /proc
+            # would cost a slot-second per job on average at a one-second poll.
+            pidfd = os.pidfd_open(record.pid)
+        except OSError:
+            await asyncio.sleep(timeout_s)
+            return
+        try:
+            # Opened before the check, so the pidfd is known to be the very process recorded.
+            if not await asyncio.to_thread(self._alive, record):
+                return
+            loop = asyncio.get_running_loop()
+            exited = asyncio.Event()
+            loop.add_reader(pidfd, exited.set)
+            try:
+                await asyncio.wait_for(exited.wait(), timeout_s)
+            except TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(pidfd)
+        finally:
+            os.close(pidfd)
+
     async def terminate(self, name: str) -> ContainerRecord | None:
         async with self._lock(name):
             record = await asyncio.to_thread(self._load, name)

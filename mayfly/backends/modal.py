@@ -8,6 +8,7 @@ may have created the sandbox already.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from typing import Any
@@ -186,6 +187,11 @@ class ModalBackend:
             return None if sandbox is None else await self._record(sandbox, name)
         except Exception as error:
             raise _map_error(error, f"inspect sandbox {name}") from None
+
+    async def wait(self, name: str, timeout_s: float) -> None:
+        # Polled: a sandbox lookup per watcher costs Modal API calls either way, and Modal
+        # sandboxes start in seconds, so a poll's latency matters less than for local runners.
+        await asyncio.sleep(timeout_s)
 
     async def terminate(self, name: str) -> ContainerRecord | None:
         try:
