@@ -48,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
 
 # A runner whose job completed exits within seconds; past this it is stopped.
 FINISHED_EXIT_GRACE = timedelta(seconds=60)
+RECYCLE_MARGIN = timedelta(seconds=60)
 
 
 @workflow.defn(name=WARM_RUNNER_WORKFLOW)
@@ -268,6 +269,9 @@ class WarmRunnerWorkflow:
         once busy, until its job is done."""
         config = self._params.config
         lifetime_end = spawned_at + timedelta(seconds=config.max_lifetime_s)
+        # An idle runner is recycled a little before its watcher would kill it at its lifetime,
+        # so it is deregistered first and no job lands on a runner being stopped.
+        recycle_at = lifetime_end - min(RECYCLE_MARGIN, timedelta(seconds=config.max_lifetime_s / 10))
         check_every = timedelta(seconds=config.status_check_interval_s)
         next_check = workflow.now() + check_every
         reported: tuple[WarmRunnerPhase, int | None] | None = None
@@ -279,12 +283,14 @@ class WarmRunnerWorkflow:
                 await self._enter(phase)
                 continue
             if now >= lifetime_end:
-                self._reason = (
-                    "recycled at its max lifetime" if not self._busy else "stopped at its max lifetime"
-                )
+                self._reason = "stopped at its max lifetime"
                 return
             deadline = lifetime_end
             if not self._busy:
+                if now >= recycle_at:
+                    self._reason = "recycled at its max lifetime"
+                    return
+                deadline = recycle_at
                 if self._drain:
                     self._reason = "drained"
                     return

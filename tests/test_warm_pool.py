@@ -1,0 +1,150 @@
+"""Warm pools on the real stack: dev server, worker, GitHub simulator, local runner processes.
+
+The cap is checked by the independent probe (a flock per slot taken by each runner process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client, WorkflowExecutionStatus
+
+from mayfly.app.embedded import EmbeddedStack
+from mayfly.config import PoolSettings
+from mayfly.warm import WarmPoolStatus, WarmRunnerResult, warm_pool_workflow_id, warm_runner_workflow_id
+from tests.jobs import nothing_left, until
+from tests.probe import ConcurrencyProbe
+
+CAP = 3
+
+
+async def warm_status(stack: EmbeddedStack, pool: str) -> WarmPoolStatus:
+    handle = stack.client.get_workflow_handle(warm_pool_workflow_id(pool))
+    status: WarmPoolStatus = await handle.query("status", result_type=WarmPoolStatus)
+    return status
+
+
+def online_idle_runners(stack: EmbeddedStack) -> set[str]:
+    return {r.name for r in stack.simulator.runners() if r.status == "online" and not r.busy}
+
+
+@pytest.fixture
+async def warm_stack(
+    client: Client, task_queue: str, pool_name: str, state_dir: Path
+) -> AsyncIterator[tuple[EmbeddedStack, ConcurrencyProbe]]:
+    probe = ConcurrencyProbe(ledger=state_dir / "probe", cap=CAP)
+    stack = EmbeddedStack(
+        client,
+        state_dir=state_dir,
+        max_runners=CAP,
+        task_queue=task_queue,
+        pool=pool_name,
+        runner_command=probe.command,
+        runner_env=probe.env,
+        semaphore_reap_interval_s=2.0,
+        # Sweeps run often, so a sweep that took warm runners for orphans would show.
+        sweep_interval_s=1.0,
+        min_idle=2,
+    )
+    await stack.start()
+    try:
+        yield stack, probe
+    finally:
+        await stack.stop()
+
+
+async def test_min_idle_two_serves_a_job_replaces_the_runner_and_drains_to_nothing(
+    warm_stack: tuple[EmbeddedStack, ConcurrencyProbe], pool_name: str
+) -> None:
+    stack, probe = warm_stack
+
+    async def two_idle() -> bool:
+        status = await warm_status(stack, pool_name)
+        return len(status.idle) == 2 and set(status.idle) <= online_idle_runners(stack)
+
+    await until(two_idle, within_s=120)
+    first_idle = set((await warm_status(stack, pool_name)).idle)
+    assert len(online_idle_runners(stack)) == 2, "two registered, idle runners stand ready on GitHub"
+
+    [job_id] = stack.queue_jobs(1, duration_s=2.0)
+    await stack.wait_jobs_finished([job_id], within_s=120)
+    served_by = stack.simulator.job(job_id).runner_name
+    assert served_by in first_idle, f"job {job_id} ran on {served_by}, not on a warm runner"
+
+    # The warm runner that took the job is accounted to it, and a replacement stands ready.
+    runner_result = await stack.client.get_workflow_handle(
+        warm_runner_workflow_id(served_by), result_type=WarmRunnerResult
+    ).result()
+    assert runner_result.job_id == job_id
+    assert runner_result.registered
+
+    async def replaced() -> bool:
+        status = await warm_status(stack, pool_name)
+        return len(status.idle) == 2 and served_by not in status.idle and status.started_total >= 3
+
+    await until(replaced, within_s=120)
+    status = await warm_status(stack, pool_name)
+    assert [served.job_id for served in status.served] == [job_id]
+    assert await stack.job_workflow_status(job_id) == WorkflowExecutionStatus.COMPLETED
+
+    # Lowering min_idle to 0 (a worker restart with the new config) drains both.
+    await stack.set_min_idle(0)
+    pool_workflow = warm_pool_workflow_id(pool_name)
+    final = await stack.client.get_workflow_handle(pool_workflow, result_type=WarmPoolStatus).result()
+    assert final.idle == [] and final.busy == [] and final.starting == []
+    await until(lambda: nothing_left(stack), within_s=60)
+
+    print(f"runner processes started: {len(probe.starts())}, violations: {len(probe.violations())}")
+    assert probe.violations() == [], "more than CAP runner processes were alive at once"
+    assert probe.held_now() == 0, "a runner process is still alive"
+    assert stack.simulator.runners() == [], "registrations left in GitHub"
+
+
+async def test_an_idle_warm_runner_is_recycled_before_its_max_lifetime(
+    client: Client, task_queue: str, pool_name: str, state_dir: Path
+) -> None:
+    stack = EmbeddedStack(
+        client,
+        state_dir=state_dir,
+        max_runners=1,
+        task_queue=task_queue,
+        pool=pool_name,
+        semaphore_reap_interval_s=2.0,
+        sweep_interval_s=1.0,
+        max_lifetime_s=20.0,
+        min_idle=1,
+    )
+    await stack.start()
+    try:
+
+        async def one_idle() -> bool:
+            return len((await warm_status(stack, pool_name)).idle) == 1
+
+        await until(one_idle, within_s=120)
+        [first] = (await warm_status(stack, pool_name)).idle
+        result = await stack.client.get_workflow_handle(
+            warm_runner_workflow_id(first), result_type=WarmRunnerResult
+        ).result()
+
+        async def replaced() -> bool:
+            idle = (await warm_status(stack, pool_name)).idle
+            return len(idle) == 1 and idle != [first]
+
+        await until(replaced, within_s=120)
+        await stack.set_min_idle(0)
+        await stack.client.get_workflow_handle(warm_pool_workflow_id(pool_name)).result()
+        await until(lambda: nothing_left(stack), within_s=60)
+    finally:
+        await stack.stop()
+    # Deregistered by its workflow before its watcher would have killed it at its lifetime.
+    assert result.reason == "recycled at its max lifetime"
+    assert result.job_id is None
+
+
+def test_min_idle_above_the_cap_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match=r"min_idle \(4\) must not exceed max_runners \(3\)"):
+        PoolSettings(name="gpu", labels=["gpu"], max_runners=3, min_idle=4)
+    with pytest.raises(ValueError, match="min_idle"):
+        PoolSettings(name="gpu", labels=["gpu"], max_runners=3, min_idle=-1)
