@@ -109,14 +109,15 @@ class WarmRunnerWorkflow:
         )
         try:
             self._details("waiting for a slot")
-            if await self._lease.acquire(give_up=lambda: self._drain):
-                try:
+            try:
+                if await self._lease.acquire(give_up=lambda: self._drain):
                     await self._live()
-                finally:
-                    # Only here, after the container is confirmed gone.
-                    await steps.uncancellable(self._lease.release())
-            else:
-                self._reason = "drained before it got a slot"
+                else:
+                    self._reason = "drained before it got a slot"
+            finally:
+                # Only here, after the container is confirmed gone; also withdraws a request
+                # still queued, which would otherwise be granted to nobody.
+                await steps.uncancellable(self._lease.release())
         finally:
             self._phase = "gone"
             await steps.uncancellable(
