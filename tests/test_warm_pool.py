@@ -13,7 +13,14 @@ from temporalio.client import Client, WorkflowExecutionStatus
 
 from mayfly.app.embedded import EmbeddedStack
 from mayfly.config import PoolSettings
-from mayfly.warm import WarmPoolStatus, WarmRunnerResult, warm_pool_workflow_id, warm_runner_workflow_id
+from mayfly.warm import (
+    WarmPoolStatus,
+    WarmRunnerResult,
+    is_warm_runner,
+    warm_pool_workflow_id,
+    warm_runner_workflow_id,
+)
+from simulator import FaultConfig
 from tests.jobs import nothing_left, until
 from tests.probe import ConcurrencyProbe
 
@@ -141,6 +148,63 @@ async def test_an_idle_warm_runner_is_recycled_before_its_max_lifetime(
     # Deregistered by its workflow before its watcher would have killed it at its lifetime.
     assert result.reason == "recycled at its max lifetime"
     assert result.job_id is None
+
+
+async def test_warm_runners_holding_the_whole_cap_serve_a_burst_whose_webhooks_are_lost(
+    client: Client, task_queue: str, pool_name: str, state_dir: Path
+) -> None:
+    """min_idle = max_runners: jobs and replacements queue for the same slots. No in_progress or
+    completed webhook arrives, so warm runners learn they are busy from GitHub's runner status."""
+    probe = ConcurrencyProbe(ledger=state_dir / "probe", cap=2)
+    stack = EmbeddedStack(
+        client,
+        state_dir=state_dir,
+        max_runners=2,
+        task_queue=task_queue,
+        pool=pool_name,
+        runner_command=probe.command,
+        runner_env=probe.env,
+        semaphore_reap_interval_s=2.0,
+        sweep_interval_s=1.0,
+        job_status_check_interval_s=2.0,
+        faults=FaultConfig(webhook_drop_rate=1.0, webhook_drop_actions=["in_progress", "completed"]),
+        min_idle=2,
+    )
+    await stack.start()
+    try:
+
+        async def two_idle() -> bool:
+            return len((await warm_status(stack, pool_name)).idle) == 2
+
+        await until(two_idle, within_s=120)
+        first_idle = set((await warm_status(stack, pool_name)).idle)
+        job_ids = stack.queue_jobs(4, duration_s=8.0)
+
+        async def warm_runners_known_busy() -> bool:
+            # No webhook named them: only GitHub's runner status can have told the pool.
+            return set((await warm_status(stack, pool_name)).busy) == first_idle
+
+        await until(warm_runners_known_busy, within_s=60)
+        assert all(stack.simulator.job(job_id).status == "in_progress" for job_id in job_ids[:2])
+        await stack.wait_jobs_finished(job_ids, within_s=300)
+        await until(two_idle, within_s=120)
+        status = await warm_status(stack, pool_name)
+        await stack.set_min_idle(0)
+        await stack.client.get_workflow_handle(warm_pool_workflow_id(pool_name)).result()
+        await until(lambda: nothing_left(stack), within_s=60)
+    finally:
+        await stack.stop()
+    jobs = [stack.simulator.job(job_id) for job_id in job_ids]
+    assert all(job.conclusion == "success" for job in jobs)
+    prefix = "mayfly"
+    on_warm = [job.id for job in jobs if job.runner_name and is_warm_runner(job.runner_name, prefix)]
+    print(f"jobs on warm runners: {len(on_warm)} of {len(jobs)}; runner processes: {len(probe.starts())}")
+    assert len(on_warm) >= 2, "the two runners standing ready took the first jobs"
+    assert set(on_warm) >= set(job_ids[:2])
+    assert status.started_total >= 2 + len(on_warm), "each warm runner that took a job was replaced"
+    assert probe.violations() == [], "more than 2 runner processes were alive at once"
+    assert probe.held_now() == 0
+    assert stack.simulator.runners() == []
 
 
 def test_min_idle_above_the_cap_is_refused_naming_the_field() -> None:
