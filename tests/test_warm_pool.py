@@ -12,6 +12,7 @@ import pytest
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from mayfly.app.embedded import EmbeddedStack
+from mayfly.backends import ContainerState
 from mayfly.config import PoolSettings
 from mayfly.warm import (
     WarmPoolStatus,
@@ -203,6 +204,52 @@ async def test_warm_runners_holding_the_whole_cap_serve_a_burst_whose_webhooks_a
     assert set(on_warm) >= set(job_ids[:2])
     assert status.started_total >= 2 + len(on_warm), "each warm runner that took a job was replaced"
     assert probe.violations() == [], "more than 2 runner processes were alive at once"
+    assert probe.held_now() == 0
+    assert stack.simulator.runners() == []
+
+
+async def test_a_warm_runner_whose_workflow_an_operator_terminates_is_swept_and_replaced(
+    client: Client, task_queue: str, pool_name: str, state_dir: Path
+) -> None:
+    """Its teardown never runs: the sweepers remove its process and registration (they know warm
+    runner names), the semaphore reclaims its slot, and the pool forgets it and starts another."""
+    probe = ConcurrencyProbe(ledger=state_dir / "probe", cap=2)
+    stack = EmbeddedStack(
+        client,
+        state_dir=state_dir,
+        max_runners=2,
+        task_queue=task_queue,
+        pool=pool_name,
+        runner_command=probe.command,
+        runner_env=probe.env,
+        semaphore_reap_interval_s=2.0,
+        sweep_interval_s=1.0,
+        job_status_check_interval_s=2.0,
+        min_idle=1,
+    )
+    await stack.start()
+    try:
+
+        async def one_idle() -> bool:
+            return len((await warm_status(stack, pool_name)).idle) == 1
+
+        await until(one_idle, within_s=120)
+        [first] = (await warm_status(stack, pool_name)).idle
+        await stack.client.get_workflow_handle(warm_runner_workflow_id(first)).terminate("operator")
+
+        async def swept_and_replaced() -> bool:
+            idle = (await warm_status(stack, pool_name)).idle
+            alive = {r.name for r in await stack.backend.list() if r.state is ContainerState.RUNNING}
+            registered = {r.name for r in stack.simulator.runners()}
+            return len(idle) == 1 and idle != [first] and first not in alive | registered
+
+        await until(swept_and_replaced, within_s=120)
+        await stack.set_min_idle(0)
+        await stack.client.get_workflow_handle(warm_pool_workflow_id(pool_name)).result()
+        await until(lambda: nothing_left(stack), within_s=120)
+    finally:
+        await stack.stop()
+    assert probe.violations() == []
     assert probe.held_now() == 0
     assert stack.simulator.runners() == []
 

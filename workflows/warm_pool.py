@@ -17,10 +17,12 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
+from temporalio.exceptions import ActivityError
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
+    from activities.warm import WarmPoolActivities
     from mayfly import search_attributes
     from mayfly.warm import (
         CONFIGURE_SIGNAL,
@@ -61,6 +63,7 @@ class WarmPoolWorkflow:
         self._served_total = carry.served_total
         self._not_before = carry.not_before
         self._version = 0
+        self._next_audit = workflow.now() + timedelta(seconds=params.config.status_check_interval_s)
 
     @workflow.signal(name=CONFIGURE_SIGNAL)
     def configure(self, config: WarmPoolConfig) -> None:
@@ -131,6 +134,9 @@ class WarmPoolWorkflow:
             if wanted == 0 and not self._runners:
                 workflow.set_current_details("min_idle is 0 and every warm runner is gone")
                 return self.status()
+            if self._runners and workflow.now() >= self._next_audit:
+                await self._audit()
+                continue
             wait = IDLE_WAKE
             if len(ready) < wanted:
                 wait = self._not_before - workflow.now() if self._not_before else timedelta(0)
@@ -144,6 +150,8 @@ class WarmPoolWorkflow:
                 f"min_idle {wanted}: {len(ready)} idle or starting, "
                 f"{sum(p == 'busy' for p in self._runners.values())} busy, {len(self._draining)} draining"
             )
+            if self._runners:
+                wait = min(wait, self._next_audit - workflow.now())
             seen = self._version
             try:
                 await workflow.wait_condition(
@@ -153,6 +161,29 @@ class WarmPoolWorkflow:
                 )
             except TimeoutError:
                 pass
+
+    async def _audit(self) -> None:
+        """Forget runners whose workflow closed without reporting (an operator terminated it):
+        the sweepers remove what it left, and the semaphore reclaims its slot."""
+        self._next_audit = workflow.now() + timedelta(seconds=self._config.status_check_interval_s)
+        ids = {warm_runner_workflow_id(name): name for name in self._runners}
+        try:
+            closed = await workflow.execute_activity_method(
+                WarmPoolActivities.closed_runners,
+                sorted(ids),
+                start_to_close_timeout=timedelta(minutes=2),
+                heartbeat_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=3),
+                summary=f"which of {len(ids)} warm runners are closed",
+            )
+        except ActivityError as error:
+            workflow.logger.warning("warm runner audit failed, retried next time: %s", error)
+            return
+        for workflow_id in closed:
+            name = ids[workflow_id]
+            workflow.logger.warning("warm runner %s closed without reporting; forgotten", name)
+            self._runners.pop(name, None)
+            self._draining.discard(name)
 
     async def _start_runner(self) -> None:
         config = self._config

@@ -25,6 +25,7 @@ from activities.github import GitHubActivities
 from activities.host_sweep import HOST_SWEEPER_WORKFLOW, HostSweepActivities, host_sweeper_workflow_id
 from activities.slots import SlotActivities
 from activities.sweep import SweepActivities
+from activities.warm import WarmPoolActivities
 from mayfly import search_attributes
 from mayfly.backends import ContainerBackend
 from mayfly.backends.factory import build_backends
@@ -122,6 +123,7 @@ def build_workers(
             container_activities.terminate,
             *slot_activities.all(),
             sweep_activities.containers,
+            WarmPoolActivities().closed_runners,
             # Waits ten seconds before its first call and is usually cancelled by then; on the
             # rate-limited queue each start would spend a mint's share of the budget.
             github_activities.wait_online,
