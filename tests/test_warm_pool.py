@@ -254,6 +254,46 @@ async def test_a_warm_runner_whose_workflow_an_operator_terminates_is_swept_and_
     assert stack.simulator.runners() == []
 
 
+async def test_lowering_min_idle_lets_a_busy_warm_runner_finish_its_job(
+    client: Client, task_queue: str, pool_name: str, state_dir: Path
+) -> None:
+    stack = EmbeddedStack(
+        client,
+        state_dir=state_dir,
+        max_runners=2,
+        task_queue=task_queue,
+        pool=pool_name,
+        semaphore_reap_interval_s=2.0,
+        sweep_interval_s=1.0,
+        min_idle=1,
+    )
+    await stack.start()
+    try:
+
+        async def one_idle() -> bool:
+            return len((await warm_status(stack, pool_name)).idle) == 1
+
+        await until(one_idle, within_s=120)
+        [warm] = (await warm_status(stack, pool_name)).idle
+        [job_id] = stack.queue_jobs(1, duration_s=6.0)
+
+        async def busy() -> bool:
+            return (await warm_status(stack, pool_name)).busy == [warm]
+
+        await until(busy, within_s=60)
+        await stack.set_min_idle(0)
+        final = await stack.client.get_workflow_handle(
+            warm_pool_workflow_id(pool_name), result_type=WarmPoolStatus
+        ).result()
+        job = stack.simulator.job(job_id)
+        await until(lambda: nothing_left(stack), within_s=60)
+    finally:
+        await stack.stop()
+    # The pool ended only once the job it was running had completed, not killed.
+    assert job.status == "completed" and job.conclusion == "success" and job.runner_name == warm
+    assert final.served_total == 1 and final.busy == []
+
+
 def test_min_idle_above_the_cap_is_refused_naming_the_field() -> None:
     with pytest.raises(ValueError, match=r"min_idle \(4\) must not exceed max_runners \(3\)"):
         PoolSettings(name="gpu", labels=["gpu"], max_runners=3, min_idle=4)
