@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client, WorkflowExecutionStatus
 
+from mayfly.app.cli import _status
 from mayfly.app.embedded import EmbeddedStack
 from mayfly.backends import ContainerState
 from mayfly.config import PoolSettings
@@ -64,7 +65,7 @@ async def warm_stack(
 
 
 async def test_min_idle_two_serves_a_job_replaces_the_runner_and_drains_to_nothing(
-    warm_stack: tuple[EmbeddedStack, ConcurrencyProbe], pool_name: str
+    warm_stack: tuple[EmbeddedStack, ConcurrencyProbe], pool_name: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     stack, probe = warm_stack
 
@@ -95,6 +96,14 @@ async def test_min_idle_two_serves_a_job_replaces_the_runner_and_drains_to_nothi
     await until(replaced, within_s=120)
     status = await warm_status(stack, pool_name)
     assert [served.job_id for served in status.served] == [job_id]
+    assert stack.settings is not None
+    temporal = stack.settings.temporal.model_copy(
+        update={"address": stack.client.service_client.config.target_host}
+    )
+    capsys.readouterr()
+    await _status(stack.settings.model_copy(update={"temporal": temporal}))
+    shown = capsys.readouterr().out
+    assert "warm pool: min_idle 2, 2 idle, 0 starting, 0 busy, 0 draining; 1 jobs served" in shown
     assert await stack.job_workflow_status(job_id) == WorkflowExecutionStatus.COMPLETED
 
     # Lowering min_idle to 0 (a worker restart with the new config) drains both.
