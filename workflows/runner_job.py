@@ -43,7 +43,6 @@ with workflow.unsafe.imports_passed_through():
         RunnerJobResult,
         RunnerJobState,
         RunnerRef,
-        RunnerStatus,
         SlotGrant,
         runner_name_for,
     )
@@ -508,23 +507,13 @@ class RunnerJobWorkflow:
         self, track: _RunnerTrack, minted: MintedRunner, exit_task: asyncio.Task[ContainerExit]
     ) -> bool:
         """Online means a webhook named the runner, or GitHub lists it online."""
-        timeout = timedelta(seconds=self._params.registration_timeout_s)
-        poll: asyncio.Task[RunnerStatus] = steps.start_online_poll(
-            RunnerRef(runner_name=track.name, runner_id=minted.runner_id), self._params.registration_timeout_s
+        status = await steps.poll_until_registered(
+            RunnerRef(runner_name=track.name, runner_id=minted.runner_id),
+            self._params.registration_timeout_s,
+            lambda: track.online or exit_task.done(),
         )
-        try:
-            await workflow.wait_condition(
-                lambda: track.online or poll.done() or exit_task.done(),
-                timeout=timeout,
-                timeout_summary="registration timeout",
-            )
-        except TimeoutError:
-            pass
-        finally:
-            if poll.done() and not poll.cancelled() and poll.exception() is None:
-                status = poll.result()
-                track.online = track.online or status.online or status.busy
-            await _cancel_quietly(poll)
+        if status is not None:
+            track.online = track.online or status.online or status.busy
         return track.online
 
     async def _wait_until_runner_done(
@@ -607,36 +596,22 @@ class RunnerJobWorkflow:
         # was cancelled may still have registered the runner, so it is looked up by name then.
         if not (track.finished or ran_and_exited):
             ref = RunnerRef(runner_name=track.name, runner_id=minted.runner_id if minted else None)
-            while True:
-                try:
-                    outcome = await self._deregister(ref)
-                except ActivityError as error:
-                    # The container is terminated whatever GitHub answers; a registration left
-                    # behind goes offline with it and the sweeper deletes it.
-                    self._last_error = (
-                        f"deregistering {track.name} failed, terminating anyway: {error.cause or error}"
-                    )
-                    workflow.logger.warning(self._last_error)
-                    break
-                if outcome is not DeregisterOutcome.BUSY:
-                    break
-                # It took a job after all; let that job finish, within the runner's lifetime.
+
+            async def took_a_job() -> None:
                 if track.assigned_job is None:
                     track.assigned_job = -1
-                remaining = lifetime_end - workflow.now()
-                if exit_task is None and container:
-                    # Its spawn was cancelled or failed after the runner started and took a job:
-                    # watch it now, so the job is not killed with its container.
-                    exit_task = self._watch(self._container_ref(track, container))
-                if exit_task is None or exit_task.done() or remaining <= timedelta(0):
-                    break
                 self._set_phase(JobPhase.TEARING_DOWN, f"`{track.name}` finishes the job it took")
-                try:
-                    await workflow.wait_condition(
-                        exit_task.done, timeout=remaining, timeout_summary="busy runner to finish"
-                    )
-                except TimeoutError:
-                    pass
+
+            exit_task, failure = await steps.deregister_letting_a_job_finish(
+                lambda: self._deregister(ref),
+                exit_task,
+                lambda: self._watch(self._container_ref(track, container)) if container else None,
+                took_a_job,
+                lifetime_end,
+            )
+            if failure is not None:
+                self._last_error = f"deregistering {track.name} failed, terminating anyway: {failure}"
+                workflow.logger.warning(self._last_error)
         if exit_task is not None:
             await _cancel_quietly(exit_task)
         # Always confirmed by a terminate, even after the watcher saw an exit: a watcher can

@@ -8,8 +8,8 @@ started and stopped the same way.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from datetime import timedelta
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
@@ -97,6 +97,62 @@ def start_online_poll(ref: RunnerRef, registration_timeout_s: float) -> asyncio.
         retry_policy=GITHUB_RETRY,
         summary=f"poll {ref.runner_name} online",
     )
+
+
+async def poll_until_registered(
+    ref: RunnerRef, registration_timeout_s: float, settled: Callable[[], bool]
+) -> RunnerStatus | None:
+    """Poll GitHub for the runner until it is online, `settled()` (a webhook named it, its
+    container exited, ...) or the registration timeout; GitHub's answer, if the poll got one."""
+    poll = start_online_poll(ref, registration_timeout_s)
+    try:
+        await workflow.wait_condition(
+            lambda: settled() or poll.done(),
+            timeout=timedelta(seconds=registration_timeout_s),
+            timeout_summary="registration timeout",
+        )
+    except TimeoutError:
+        pass
+    finally:
+        answered = poll.done() and not poll.cancelled() and poll.exception() is None
+        await cancel_quietly(poll)
+    return poll.result() if answered else None
+
+
+async def deregister_letting_a_job_finish(
+    deregister_once: Callable[[], Awaitable[DeregisterOutcome]],
+    exit_task: asyncio.Task[ContainerExit] | None,
+    watch_now: Callable[[], asyncio.Task[ContainerExit] | None],
+    on_busy: Callable[[], Awaitable[None]],
+    lifetime_end: datetime,
+) -> tuple[asyncio.Task[ContainerExit] | None, str | None]:
+    """Deregister before terminating: an idle runner then takes no job while it is stopped.
+
+    GitHub refuses to delete a busy runner: it took a job after all, so that job is let finish
+    (within the runner's lifetime) and deregistration tried again. Returns the exit watcher
+    (started here if the caller had none) and why deregistration failed, if it did: the caller
+    terminates anyway, and a registration left behind goes offline and is swept."""
+    while True:
+        try:
+            outcome = await deregister_once()
+        except ActivityError as error:
+            return exit_task, str(error.cause or error)
+        if outcome is not DeregisterOutcome.BUSY:
+            return exit_task, None
+        await on_busy()
+        if exit_task is None:
+            # Its spawn was cancelled or failed after the runner started and took a job: watch
+            # it now, so the job is not killed with its container.
+            exit_task = watch_now()
+        remaining = lifetime_end - workflow.now()
+        if exit_task is None or exit_task.done() or remaining <= timedelta(0):
+            return exit_task, None
+        try:
+            await workflow.wait_condition(
+                exit_task.done, timeout=remaining, timeout_summary="busy runner to finish"
+            )
+        except TimeoutError:
+            pass
 
 
 async def runner_status(ref: RunnerRef, github_queue: str | None) -> RunnerStatus:

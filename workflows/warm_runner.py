@@ -27,7 +27,6 @@ with workflow.unsafe.imports_passed_through():
         ContainerExit,
         ContainerRef,
         ContainerSpec,
-        DeregisterOutcome,
         JobEvent,
         MintedRunner,
         MintRequest,
@@ -244,25 +243,14 @@ class WarmRunnerWorkflow:
     async def _confirm_registration(
         self, minted: MintedRunner, exit_task: asyncio.Task[ContainerExit]
     ) -> bool:
-        timeout = timedelta(seconds=self._params.config.registration_timeout_s)
-        poll = steps.start_online_poll(
+        status = await steps.poll_until_registered(
             RunnerRef(runner_name=self._name, runner_id=minted.runner_id),
             self._params.config.registration_timeout_s,
+            lambda: self._online or exit_task.done() or self._drain,
         )
-        try:
-            await workflow.wait_condition(
-                lambda: self._online or poll.done() or exit_task.done() or self._drain,
-                timeout=timeout,
-                timeout_summary="registration timeout",
-            )
-        except TimeoutError:
-            pass
-        finally:
-            if poll.done() and not poll.cancelled() and poll.exception() is None:
-                status = poll.result()
-                self._online = self._online or status.online or status.busy
-                self._busy = self._busy or status.busy
-            await steps.cancel_quietly(poll)
+        if status is not None:
+            self._online = self._online or status.online or status.busy
+            self._busy = self._busy or status.busy
         return self._online
 
     async def _stand_ready(self, exit_task: asyncio.Task[ContainerExit], spawned_at: datetime) -> None:
@@ -352,35 +340,28 @@ class WarmRunnerWorkflow:
         )
         if not (self._finished_at is not None or ran_and_exited):
             ref = RunnerRef(runner_name=self._name, runner_id=minted.runner_id if minted else None)
-            while True:
-                try:
-                    outcome = await steps.deregister(ref, self._queue())
-                except ActivityError as error:
-                    # Terminated anyway; a registration left behind goes offline and is swept.
-                    workflow.logger.warning(
-                        "deregistering %s failed, terminating anyway: %s", self._name, error
-                    )
-                    break
-                if outcome is not DeregisterOutcome.BUSY:
-                    break
-                # It took a job just before: let the job finish within its lifetime, and let
-                # the pool replace it meanwhile.
+
+            async def took_a_job() -> None:
+                # Let the pool replace it while its job runs.
                 if not self._busy:
                     self._busy = True
                     await self._enter("busy")
-                if exit_task is None and container:
-                    exit_task = steps.watch(
-                        self._container_ref(container), self._params.config.max_lifetime_s
-                    )
-                remaining = lifetime_end - workflow.now()
-                if exit_task is None or exit_task.done() or remaining <= timedelta(0):
-                    break
-                try:
-                    await workflow.wait_condition(
-                        exit_task.done, timeout=remaining, timeout_summary="busy runner to finish"
-                    )
-                except TimeoutError:
-                    pass
+
+            exit_task, failure = await steps.deregister_letting_a_job_finish(
+                lambda: steps.deregister(ref, self._queue()),
+                exit_task,
+                lambda: (
+                    steps.watch(self._container_ref(container), self._params.config.max_lifetime_s)
+                    if container
+                    else None
+                ),
+                took_a_job,
+                lifetime_end,
+            )
+            if failure is not None:
+                workflow.logger.warning(
+                    "deregistering %s failed, terminating anyway: %s", self._name, failure
+                )
         if exit_task is not None:
             await steps.cancel_quietly(exit_task)
         if container:
