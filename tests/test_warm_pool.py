@@ -130,7 +130,8 @@ async def test_an_idle_warm_runner_is_recycled_before_its_max_lifetime(
         pool=pool_name,
         semaphore_reap_interval_s=2.0,
         sweep_interval_s=1.0,
-        max_lifetime_s=20.0,
+        # Recycled 3 s (a tenth of it) before the watcher would kill it.
+        max_lifetime_s=30.0,
         min_idle=1,
     )
     await stack.start()

@@ -166,7 +166,7 @@ class WarmRunnerWorkflow:
             return False
         return True
 
-    async def _github(self, call: asyncio.Task[MintedRunner]) -> MintedRunner:
+    async def _mint(self, call: asyncio.Task[MintedRunner]) -> MintedRunner:
         """Mint, waiting out a long rate-limit pause on a timer rather than failing."""
         config = self._params.config
         task = call
@@ -196,7 +196,7 @@ class WarmRunnerWorkflow:
         spawned_at = workflow.now()
         try:
             self._details("minting")
-            minted = await self._github(
+            minted = await self._mint(
                 steps.start_mint(self._mint_request(), config.registration_timeout_s, self._queue())
             )
             if self._drain:
@@ -204,6 +204,9 @@ class WarmRunnerWorkflow:
                 return
             self._details("spawning")
             spawn_tried = True
+            # The backend counts the lifetime from its create; counting it from before the spawn
+            # keeps the recycle ahead of the watcher's kill however long the create takes.
+            spawned_at = workflow.now()
             container = await steps.finish_despite_cancel(
                 steps.start_spawn(
                     ContainerSpec(
@@ -218,7 +221,6 @@ class WarmRunnerWorkflow:
                 ),
                 stop_it=True,
             )
-            spawned_at = workflow.now()
             exit_task = steps.watch(container, config.max_lifetime_s)
             self._details("registering")
             if not await self._confirm_registration(minted, exit_task):
