@@ -15,6 +15,7 @@ from mayfly.app.cli import _status
 from mayfly.app.embedded import EmbeddedStack
 from mayfly.backends import ContainerState
 from mayfly.config import PoolSettings
+from mayfly.models import JobPhase
 from mayfly.warm import (
     WarmPoolStatus,
     WarmRunnerResult,
@@ -23,7 +24,7 @@ from mayfly.warm import (
     warm_runner_workflow_id,
 )
 from simulator import FaultConfig
-from tests.jobs import nothing_left, until
+from tests.jobs import in_phase, nothing_left, until
 from tests.probe import ConcurrencyProbe
 
 CAP = 3
@@ -302,6 +303,44 @@ async def test_lowering_min_idle_lets_a_busy_warm_runner_finish_its_job(
     # The pool ended only once the job it was running had completed, not killed.
     assert job.status == "completed" and job.conclusion == "success" and job.runner_name == warm
     assert final.served_total == 1 and final.busy == []
+
+
+async def test_a_warm_runner_drained_while_waiting_for_a_slot_withdraws_its_request(
+    client: Client, task_queue: str, pool_name: str, state_dir: Path
+) -> None:
+    stack = EmbeddedStack(
+        client,
+        state_dir=state_dir,
+        max_runners=1,
+        task_queue=task_queue,
+        pool=pool_name,
+        semaphore_reap_interval_s=2.0,
+        sweep_interval_s=1.0,
+    )
+    await stack.start()
+    try:
+        [job_id] = stack.queue_jobs(1, duration_s=15.0)
+        await until(in_phase(stack, job_id, JobPhase.RUNNING), within_s=60)
+        await stack.set_min_idle(1)
+
+        async def warm_runner_waits() -> bool:
+            return (await stack.semaphore_status()).waiting == 1
+
+        await until(warm_runner_waits, within_s=60)
+        await stack.set_min_idle(0)
+        final = await stack.client.get_workflow_handle(
+            warm_pool_workflow_id(pool_name), result_type=WarmPoolStatus
+        ).result()
+        # Still running its job: the slot is the job's, and nobody waits for it any more.
+        assert stack.simulator.job(job_id).status == "in_progress"
+        semaphore = await stack.semaphore_status()
+        await stack.wait_jobs_finished([job_id], within_s=120)
+        await until(lambda: nothing_left(stack), within_s=60)
+    finally:
+        await stack.stop()
+    assert final.started_total == 1 and final.served_total == 0
+    assert semaphore.waiting == 0 and semaphore.waiters == []
+    assert [holder.workflow_id for holder in semaphore.holders] == [f"mayfly-job-{job_id}"]
 
 
 def test_min_idle_above_the_cap_is_refused_naming_the_field() -> None:
