@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 
 from mayfly.app.cli import _status
 from mayfly.app.embedded import EmbeddedStack
@@ -341,6 +341,50 @@ async def test_a_warm_runner_drained_while_waiting_for_a_slot_withdraws_its_requ
     assert final.started_total == 1 and final.served_total == 0
     assert semaphore.waiting == 0 and semaphore.waiters == []
     assert [holder.workflow_id for holder in semaphore.holders] == [f"mayfly-job-{job_id}"]
+
+
+async def test_warm_runners_that_fail_to_register_back_the_pool_off(
+    client: Client, task_queue: str, pool_name: str, state_dir: Path
+) -> None:
+    """Each runner exits before connecting: the next one starts 5 s, then 10 s after the last
+    failure (a durable timer never fires early, so these lower bounds cannot flake)."""
+    stack = EmbeddedStack(
+        client,
+        state_dir=state_dir,
+        max_runners=1,
+        task_queue=task_queue,
+        pool=pool_name,
+        runner_env={"MAYFLY_SIM_RUNNER_CONNECT_FAIL": "1"},
+        semaphore_reap_interval_s=2.0,
+        sweep_interval_s=1.0,
+        min_idle=1,
+    )
+    await stack.start()
+    runners: list[WorkflowExecution] = []
+    try:
+
+        async def three_started_two_closed() -> bool:
+            runners[:] = [
+                execution
+                async for execution in stack.client.list_workflows(
+                    f"WorkflowType = 'WarmRunner' AND MayflyPool = '{pool_name}'"
+                )
+            ]
+            return len(runners) >= 3 and sum(r.close_time is not None for r in runners) >= 2
+
+        await until(three_started_two_closed, within_s=120)
+        await stack.set_min_idle(0)
+        await stack.client.get_workflow_handle(warm_pool_workflow_id(pool_name)).result()
+        await until(lambda: nothing_left(stack), within_s=60)
+    finally:
+        await stack.stop()
+    # Start to start: each start follows the previous runner's failure, itself after that
+    # runner's start, so these hold whatever the lag between a failure and its workflow's close.
+    first, second, third = sorted(runners, key=lambda r: r.start_time)[:3]
+    assert (second.start_time - first.start_time).total_seconds() >= 5
+    assert (third.start_time - second.start_time).total_seconds() >= 10
+    result = await stack.client.get_workflow_handle(first.id, result_type=WarmRunnerResult).result()
+    assert not result.registered and "did not come online" in result.reason
 
 
 def test_min_idle_above_the_cap_is_refused_naming_the_field() -> None:
