@@ -240,6 +240,7 @@ async def sync_capacities(client: Client, settings: MayflySettings) -> None:
 
 
 def warm_pool_config(settings: MayflySettings, pool: PoolSettings) -> WarmPoolConfig:
+    """What a pool's warm pool and its runners need of the worker's config."""
     return WarmPoolConfig(
         pool=pool.name,
         labels=pool.labels,
