@@ -18,7 +18,7 @@ from temporalio.client import Client
 from mayfly.app.embedded import EmbeddedStack
 from mayfly.devserver import local_environment
 from mayfly.warm import WarmPoolStatus, warm_pool_workflow_id, warm_runner_workflow_id
-from tests.record_histories import HISTORIES
+from tests.record_histories import HISTORIES, _save
 
 POOL = "record"
 
@@ -31,12 +31,6 @@ async def _idle(client: Client, within_s: float = 60) -> list[str]:
             if status.idle and status.started_total == len(status.idle) + status.served_total:
                 return status.idle
             await asyncio.sleep(0.2)
-
-
-async def _save(client: Client, workflow_id: str, name: str) -> None:
-    history = await client.get_workflow_handle(workflow_id).fetch_history()
-    (HISTORIES / f"{name}@{workflow_id}.json").write_text(history.to_json())
-    print(f"  {name}: {len(history.events)} events")
 
 
 async def record(client: Client, state_dir: Path) -> None:
