@@ -112,6 +112,11 @@ class GitHubActivities:
                 "poll no longer needed", type="PollCancelled", category=ApplicationErrorCategory.BENIGN
             ) from None
 
+    @activity.defn(name="github.runner_status")
+    async def runner_status(self, ref: RunnerRef) -> RunnerStatus:
+        """One look at a runner: a warm runner's pool asks whether it took a job whose webhook was lost."""
+        return await self._status(ref)
+
     @activity.defn(name="github.deregister_runner")
     async def deregister_runner(self, ref: RunnerRef) -> DeregisterOutcome:
         try:

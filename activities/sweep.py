@@ -21,7 +21,8 @@ from mayfly.config import MayflySettings
 from mayfly.dispatch import DispatchUnavailable, JobDispatcher
 from mayfly.github import GitHubClient
 from mayfly.github_errors import GitHubError, RunnerBusy
-from mayfly.models import RUNNER_JOB_WORKFLOW, JobEvent, JobInfo, job_workflow_id, owner_job_of
+from mayfly.models import RUNNER_JOB_WORKFLOW, JobEvent, JobInfo, job_workflow_id
+from mayfly.warm import owner_workflow_of
 
 
 class SweepReport(BaseModel):
@@ -71,12 +72,12 @@ class SweepActivities:
         try:
             runners = await self._github.list_runners()
             for runner in runners:
-                job_id = owner_job_of(runner.name, self._prefix)
-                if job_id is None:
+                owner = owner_workflow_of(runner.name, self._prefix)
+                if owner is None:
                     continue  # not ours: never touch another system's runners
                 report.checked += 1
                 activity.heartbeat(runner.name)
-                if await owner_running(job_workflow_id(job_id)):
+                if await owner_running(owner):
                     continue
                 try:
                     await self._github.delete_runner(runner.id)

@@ -99,6 +99,17 @@ class PoolSettings(BaseModel):
     # stuck container cannot hold a slot forever.
     idle_ttl_s: float = Field(default=300.0, gt=0)
     max_lifetime_s: float = Field(default=6 * 3600.0, gt=0)
+    # Registered, idle runners kept ready (a warm pool); they hold slots and count against the cap.
+    min_idle: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _min_idle_within_cap(self) -> PoolSettings:
+        if self.min_idle > self.max_runners:
+            raise ValueError(
+                f"min_idle ({self.min_idle}) must not exceed max_runners ({self.max_runners}): "
+                "warm runners hold slots of the pool's cap"
+            )
+        return self
 
     @field_validator("name")
     @classmethod

@@ -22,8 +22,8 @@ from mayfly.models import (
     JobInfo,
     RunnerJobInput,
     job_workflow_id,
-    owner_job_of,
 )
+from mayfly.warm import owner_workflow_of
 
 # Well inside GitHub's 10 s delivery timeout.
 RPC_TIMEOUT = timedelta(seconds=5)
@@ -78,10 +78,11 @@ class JobDispatcher:
         if pool is None:
             return None
         await self._signal_with_start(client, job, pool, event, restart_closed=restart_closed)
-        owner = owner_job_of(event.runner_name or "", self._settings.github.runner_name_prefix)
-        if owner is not None and owner != job.job_id:
-            # The runner that took this job was started by another job's workflow; tell it too.
-            await self._signal_existing(client, job_workflow_id(owner), event)
+        owner = owner_workflow_of(event.runner_name or "", self._settings.github.runner_name_prefix)
+        if owner is not None and owner != job_workflow_id(job.job_id):
+            # The runner that took this job was started by another job's workflow or is a warm
+            # runner; tell its workflow too.
+            await self._signal_existing(client, owner, event)
         return pool.name
 
     async def _signal_with_start(

@@ -22,6 +22,8 @@ from simulator import jitconfig
 
 JIT_ENV = "ACTIONS_RUNNER_INPUT_JITCONFIG"
 CONNECT_FAIL_ENV = "MAYFLY_SIM_RUNNER_CONNECT_FAIL"
+# Seconds to wait before connecting: a container that is slow to start (a GPU sandbox's image pull).
+START_DELAY_ENV = "MAYFLY_SIM_RUNNER_START_DELAY_S"
 SESSION_HEADER = "X-Sim-Runner-Session"
 CONNECT_ATTEMPTS = 5
 POLL_ERROR_ATTEMPTS = 5
@@ -159,6 +161,7 @@ def main() -> int:
         log(f"invalid JIT config: {exc}")
         return 2
     log(f"Runner {config.agent_name} (id {config.agent_id}) starting against {config.server_url}")
+    time.sleep(float(os.environ.get(START_DELAY_ENV, "0")))
     with httpx.Client(timeout=httpx.Timeout(10.0, read=40.0)) as client:
         agent = Agent(config, client)
         try:

@@ -85,8 +85,10 @@ async def record(client: Client, state_dir: Path) -> None:
             pass
 
         HISTORIES.mkdir(exist_ok=True)
+        # The warm-pool histories have their own recorder (tests/record_warm_histories.py).
         for old in HISTORIES.glob("*.json"):
-            old.unlink()
+            if not old.name.startswith("warm-"):
+                old.unlink()
         print(f"recorded into {HISTORIES}:")
         for job_id, name in ((served, "job-served"), (lost, "job-lost-webhooks"), (approved, "job-approved")):
             await _save(client, job_workflow_id(job_id), name)

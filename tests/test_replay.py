@@ -14,6 +14,8 @@ from mayfly.temporal import DATA_CONVERTER
 from workflows.runner_job import RunnerJobWorkflow
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
 from workflows.sweeper import SweeperWorkflow
+from workflows.warm_pool import WarmPoolWorkflow
+from workflows.warm_runner import WarmRunnerWorkflow
 
 HISTORIES = sorted(Path(__file__).with_name("histories").glob("*.json"))
 
@@ -24,7 +26,13 @@ def workflow_type(path: Path) -> str:
 
 
 def test_histories_cover_every_workflow() -> None:
-    assert {workflow_type(path) for path in HISTORIES} == {"RunnerJob", "SlotSemaphore", "Sweeper"}
+    assert {workflow_type(path) for path in HISTORIES} == {
+        "RunnerJob",
+        "SlotSemaphore",
+        "Sweeper",
+        "WarmPool",
+        "WarmRunner",
+    }
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[path.stem.split("@")[0] for path in HISTORIES])
@@ -32,6 +40,13 @@ async def test_recorded_history_replays(path: Path) -> None:
     workflow_id = path.stem.split("@", 1)[1]
     history = WorkflowHistory.from_json(workflow_id, path.read_text())
     replayer = Replayer(
-        workflows=[RunnerJobWorkflow, SlotSemaphoreWorkflow, SweeperWorkflow], data_converter=DATA_CONVERTER
+        workflows=[
+            RunnerJobWorkflow,
+            SlotSemaphoreWorkflow,
+            SweeperWorkflow,
+            WarmPoolWorkflow,
+            WarmRunnerWorkflow,
+        ],
+        data_converter=DATA_CONVERTER,
     )
     await replayer.replay_workflow(history)

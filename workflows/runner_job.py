@@ -16,15 +16,12 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
-    from activities.containers import ContainerActivities
-    from activities.errors import THROTTLED
     from activities.github import GitHubActivities
     from mayfly import metrics, search_attributes
     from mayfly.models import (
@@ -46,18 +43,19 @@ with workflow.unsafe.imports_passed_through():
         RunnerJobResult,
         RunnerJobState,
         RunnerRef,
-        RunnerStatus,
         runner_name_for,
     )
+    from workflows import runner_steps as steps
+    from workflows.runner_steps import GITHUB_RETRY
+    from workflows.runner_steps import cancel_quietly as _cancel_quietly
+    from workflows.runner_steps import exit_code as _exit_code
+    from workflows.runner_steps import exited as _exited
+    from workflows.runner_steps import throttled_for as _throttled_for
     from workflows.shield import uncancellable
     from workflows.slot_lease import SlotLease
 
 T = TypeVar("T")
 
-# GitHub calls: short per-call timeouts, backoff capped so a 502 burst costs seconds, not minutes.
-GITHUB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
-# Cleanup must eventually succeed: a slot is only released once its container is gone.
-CLEANUP_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 # Failures that no new runner attempt can fix: stop and say why.
 PERMANENT_ERROR_TYPES = frozenset(
     {"GitHubHTTP401", "GitHubHTTP403", "GitHubHTTP404", "GitHubHTTP422", "UnknownPool"}
@@ -95,13 +93,6 @@ class _SlotUnit:
 def _permanent(error: ActivityError) -> bool:
     cause = error.cause
     return isinstance(cause, ApplicationError) and cause.non_retryable and cause.type in PERMANENT_ERROR_TYPES
-
-
-def _throttled_for(error: ActivityError) -> timedelta | None:
-    cause = error.cause
-    if isinstance(cause, ApplicationError) and cause.type == THROTTLED and cause.details:
-        return timedelta(seconds=float(cause.details[0]))
-    return None
 
 
 def _as_status(github_status: str) -> JobStatus:
@@ -308,18 +299,7 @@ class RunnerJobWorkflow:
             workflow.set_current_details(f"**{self._phase.value}**: {self._phase_details}")
 
     async def _finish_despite_cancel(self, activity: asyncio.Task[T], *, stop_it: bool) -> T:
-        """Await an activity that may create something (a registration, a container), so that a
-        workflow cancel is never lost: the activity is let finish (or asked to stop and awaited)
-        before the cancel goes on to teardown, which then finds whatever it made."""
-        try:
-            return await asyncio.shield(activity)
-        except asyncio.CancelledError:
-            if stop_it:
-                activity.cancel()
-            await workflow.wait([activity])
-            if not activity.cancelled():
-                activity.exception()  # retrieved: teardown looks for what it made by name
-            raise
+        return await steps.finish_despite_cancel(activity, stop_it=stop_it)
 
     # --- main -----------------------------------------------------------------------------
 
@@ -514,14 +494,10 @@ class RunnerJobWorkflow:
             self._set_phase(JobPhase.MINTING, f"a JIT config for `{track.name}`")
             minted = await self._github_call(
                 lambda: self._finish_despite_cancel(
-                    workflow.start_activity_method(
-                        GitHubActivities.mint_runner,
+                    steps.start_mint(
                         MintRequest(pool=job.pool, runner_name=track.name, labels=params.pool_labels),
-                        start_to_close_timeout=timedelta(seconds=30),
-                        schedule_to_close_timeout=timedelta(seconds=params.registration_timeout_s * 3),
-                        retry_policy=GITHUB_RETRY,
-                        summary=f"mint {track.name}",
-                        task_queue=self._github_queue(),
+                        params.registration_timeout_s,
+                        self._github_queue(),
                     ),
                     stop_it=False,
                 )
@@ -529,8 +505,7 @@ class RunnerJobWorkflow:
             self._set_phase(JobPhase.SPAWNING, f"container `{track.name}`")
             spawn_tried = True
             container = await self._finish_despite_cancel(
-                workflow.start_activity_method(
-                    ContainerActivities.spawn,
+                steps.start_spawn(
                     ContainerSpec(
                         pool=job.pool,
                         name=track.name,
@@ -539,13 +514,7 @@ class RunnerJobWorkflow:
                         runner_name=track.name,
                         jit_config=minted.jit_config,
                         max_lifetime_s=params.max_lifetime_s,
-                    ),
-                    start_to_close_timeout=timedelta(minutes=25),
-                    schedule_to_close_timeout=timedelta(minutes=30),
-                    heartbeat_timeout=timedelta(minutes=2),
-                    retry_policy=GITHUB_RETRY,
-                    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                    summary=f"spawn {track.name}",
+                    )
                 ),
                 stop_it=True,
             )
@@ -596,30 +565,13 @@ class RunnerJobWorkflow:
         self, track: _RunnerTrack, minted: MintedRunner, exit_task: asyncio.Task[ContainerExit]
     ) -> bool:
         """Online means a webhook named the runner, or GitHub lists it online."""
-        timeout = timedelta(seconds=self._params.registration_timeout_s)
-        poll: asyncio.Task[RunnerStatus] = workflow.start_activity_method(
-            GitHubActivities.wait_online,
+        status = await steps.poll_until_registered(
             RunnerRef(runner_name=track.name, runner_id=minted.runner_id),
-            start_to_close_timeout=timeout + timedelta(seconds=30),
-            # Short, so the cancel sent when the webhook wins reaches the activity before its
-            # first poll (cancellation travels on heartbeat responses).
-            heartbeat_timeout=timedelta(seconds=4),
-            retry_policy=GITHUB_RETRY,
-            summary=f"poll {track.name} online",
+            self._params.registration_timeout_s,
+            lambda: track.online or exit_task.done(),
         )
-        try:
-            await workflow.wait_condition(
-                lambda: track.online or poll.done() or exit_task.done(),
-                timeout=timeout,
-                timeout_summary="registration timeout",
-            )
-        except TimeoutError:
-            pass
-        finally:
-            if poll.done() and not poll.cancelled() and poll.exception() is None:
-                status = poll.result()
-                track.online = track.online or status.online or status.busy
-            await _cancel_quietly(poll)
+        if status is not None:
+            track.online = track.online or status.online or status.busy
         return track.online
 
     async def _wait_until_runner_done(
@@ -717,52 +669,30 @@ class RunnerJobWorkflow:
         # was cancelled may still have registered the runner, so it is looked up by name then.
         if not (track.finished or ran_and_exited):
             ref = RunnerRef(runner_name=track.name, runner_id=minted.runner_id if minted else None)
-            while True:
-                try:
-                    outcome = await self._deregister(ref)
-                except ActivityError as error:
-                    # The container is terminated whatever GitHub answers; a registration left
-                    # behind goes offline with it and the sweeper deletes it.
-                    self._last_error = (
-                        f"deregistering {track.name} failed, terminating anyway: {error.cause or error}"
-                    )
-                    workflow.logger.warning(self._last_error)
-                    break
-                if outcome is not DeregisterOutcome.BUSY:
-                    break
-                # It took a job after all; let that job finish, within the runner's lifetime.
+
+            async def took_a_job() -> None:
                 if track.assigned_job is None:
                     track.assigned_job = -1
-                remaining = lifetime_end - workflow.now()
-                if exit_task is None and container:
-                    # Its spawn was cancelled or failed after the runner started and took a job:
-                    # watch it now, so the job is not killed with its container.
-                    exit_task = self._watch(self._container_ref(track, container))
-                if exit_task is None or exit_task.done() or remaining <= timedelta(0):
-                    break
                 self._set_runner_phase(
                     track, JobPhase.TEARING_DOWN, f"`{track.name}` finishes the job it took"
                 )
-                try:
-                    await workflow.wait_condition(
-                        exit_task.done, timeout=remaining, timeout_summary="busy runner to finish"
-                    )
-                except TimeoutError:
-                    pass
+
+            exit_task, failure = await steps.deregister_letting_a_job_finish(
+                lambda: self._deregister(ref),
+                exit_task,
+                lambda: self._watch(self._container_ref(track, container)) if container else None,
+                took_a_job,
+                lifetime_end,
+            )
+            if failure is not None:
+                self._last_error = f"deregistering {track.name} failed, terminating anyway: {failure}"
+                workflow.logger.warning(self._last_error)
         if exit_task is not None:
             await _cancel_quietly(exit_task)
         # Always confirmed by a terminate, even after the watcher saw an exit: a watcher can
         # also return because the backend lost track of the container (seen at 150 runners).
         if container:
-            ref_to_stop = self._container_ref(track, container)
-            await workflow.execute_activity_method(
-                ContainerActivities.terminate,
-                ref_to_stop,
-                start_to_close_timeout=timedelta(minutes=2),
-                retry_policy=CLEANUP_RETRY,
-                summary=f"terminate {track.name}",
-                task_queue=ref_to_stop.task_queue,
-            )
+            await steps.terminate(self._container_ref(track, container))
 
     def _container_ref(self, track: _RunnerTrack, container: ContainerRef | bool) -> ContainerRef:
         """The spawned container's reference, or one by name for a spawn that failed or was
@@ -772,42 +702,7 @@ class RunnerJobWorkflow:
         return ContainerRef(pool=self._params.job.pool, name=track.name, backend_id="")
 
     def _watch(self, container: ContainerRef) -> asyncio.Task[ContainerExit]:
-        return workflow.start_activity_method(
-            ContainerActivities.wait_exit,
-            container,
-            start_to_close_timeout=timedelta(seconds=self._params.max_lifetime_s + 600),
-            heartbeat_timeout=timedelta(seconds=30),
-            retry_policy=CLEANUP_RETRY,
-            summary=f"watch {container.name}",
-            task_queue=container.task_queue,
-        )
+        return steps.watch(container, self._params.max_lifetime_s)
 
     async def _deregister(self, ref: RunnerRef) -> DeregisterOutcome:
-        return await self._github_call(
-            lambda: workflow.execute_activity_method(
-                GitHubActivities.deregister_runner,
-                ref,
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=CLEANUP_RETRY,
-                summary=f"deregister {ref.runner_name}",
-                task_queue=self._github_queue(),
-            )
-        )
-
-
-def _exited(task: asyncio.Task[ContainerExit]) -> bool:
-    return task.done() and not task.cancelled() and task.exception() is None
-
-
-def _exit_code(task: asyncio.Task[ContainerExit]) -> int | None:
-    return task.result().exit_code if _exited(task) else None
-
-
-async def _cancel_quietly(task: asyncio.Task[Any]) -> None:
-    """Cancel an activity we no longer need and wait until it is settled. A workflow cancel that
-    arrives meanwhile still propagates: only the task's own outcome is discarded."""
-    if not task.done():
-        task.cancel()
-    await workflow.wait([task])
-    if not task.cancelled():
-        task.exception()
+        return await self._github_call(lambda: steps.deregister(ref, self._github_queue()))

@@ -3,7 +3,7 @@
 mayfly dev [--jobs N]     the embedded default: dev server, simulator, starter, worker, local runners
 mayfly worker             run a worker against a Temporal cluster
 mayfly starter            run the webhook starter (the URL GitHub calls)
-mayfly status             show each pool's slots
+mayfly status             show each pool's slots (and its warm pool)
 mayfly setup              register Mayfly's search attributes on an existing Temporal namespace
 """
 
@@ -25,6 +25,7 @@ from mayfly.logs import configure_logging
 from mayfly.models import SemaphoreStatus, semaphore_workflow_id
 from mayfly.process import exit_now, stop_on_signals
 from mayfly.temporal import connect
+from mayfly.warm import WarmPoolStatus, warm_pool_workflow_id
 
 log = logging.getLogger("mayfly")
 
@@ -106,7 +107,22 @@ async def _status(settings: MayflySettings, query_timeout_s: float = 10.0) -> in
         )
         for holder in status.holders:
             print(f"  {holder.workflow_id}  held {holder.held_for_s:.0f}s")
+        if pool.min_idle > 0:
+            print(f"  {await _warm_pool_line(client, pool.name, query_timeout_s)}")
     return 0
+
+
+async def _warm_pool_line(client: Client, pool: str, query_timeout_s: float) -> str:
+    try:
+        warm = await client.get_workflow_handle(warm_pool_workflow_id(pool)).query(
+            "status", result_type=WarmPoolStatus, rpc_timeout=timedelta(seconds=query_timeout_s)
+        )
+    except Exception as error:
+        return f"warm pool: not answering ({type(error).__name__}); it starts with the worker"
+    return (
+        f"warm pool: min_idle {warm.min_idle}, {len(warm.idle)} idle, {len(warm.starting)} starting, "
+        f"{len(warm.busy)} busy, {len(warm.draining)} draining; {warm.served_total} jobs served"
+    )
 
 
 def _semaphore_unavailable(error: Exception) -> str:

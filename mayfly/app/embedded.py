@@ -21,7 +21,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from mayfly.app.starter import create_starter_app
-from mayfly.app.wiring import build_workers, start_sweeper
+from mayfly.app.wiring import build_workers, start_sweeper, sync_warm_pools
 from mayfly.backends import ContainerBackend
 from mayfly.backends.local import LocalProcessBackend
 from mayfly.config import (
@@ -78,6 +78,7 @@ class EmbeddedStack:
         reconcile_min_age_s: float = 2.0,
         job_deadline_s: float = 24 * 3600.0,
         job_status_check_interval_s: float = 300.0,
+        min_idle: int = 0,
     ) -> None:
         self.client = client
         self._state_dir = state_dir
@@ -122,6 +123,7 @@ class EmbeddedStack:
             max_registration_attempts=max_registration_attempts,
             idle_ttl_s=idle_ttl_s,
             max_lifetime_s=max_lifetime_s,
+            min_idle=min_idle,
         )
         self._token = token
         self._webhook_secret = webhook_secret
@@ -209,6 +211,14 @@ class EmbeddedStack:
         )
         self._worker_tasks = [asyncio.create_task(worker.run()) for worker in self._workers]
         await start_sweeper(self.client, self.settings)
+        await sync_warm_pools(self.client, self.settings)
+
+    async def set_min_idle(self, min_idle: int) -> None:
+        """What a worker restart with a changed `min_idle` in the config does."""
+        assert self.settings is not None
+        self._pool = self._pool.model_copy(update={"min_idle": min_idle})
+        self.settings = self.settings.model_copy(update={"pools": [self._pool]})
+        await sync_warm_pools(self.client, self.settings)
 
     async def stop(self) -> None:
         if self._starter is not None:

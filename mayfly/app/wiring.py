@@ -17,6 +17,7 @@ from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from activities.containers import ContainerActivities
@@ -24,10 +25,17 @@ from activities.github import GitHubActivities
 from activities.host_sweep import HOST_SWEEPER_WORKFLOW, HostSweepActivities, host_sweeper_workflow_id
 from activities.slots import SlotActivities
 from activities.sweep import SweepActivities
+from activities.warm import WarmPoolActivities
 from mayfly import search_attributes
 from mayfly.backends import ContainerBackend
 from mayfly.backends.factory import build_backends
-from mayfly.config import ConfigError, LocalBackendSettings, MayflySettings, load_settings_or_report
+from mayfly.config import (
+    ConfigError,
+    LocalBackendSettings,
+    MayflySettings,
+    PoolSettings,
+    load_settings_or_report,
+)
 from mayfly.github import GitHubClient
 from mayfly.github_factory import github_client
 from mayfly.hardening import make_non_dumpable
@@ -45,6 +53,8 @@ from mayfly.process import stop_on_signals
 from mayfly.sealing import Sealer
 from mayfly.serving import serve
 from mayfly.temporal import connect
+from mayfly.warm import CONFIGURE_SIGNAL as WARM_CONFIGURE_SIGNAL
+from mayfly.warm import WarmPoolConfig, WarmPoolInput, warm_pool_workflow_id
 from workflows.host_sweeper import HostSweeperInput, HostSweeperWorkflow
 from workflows.runner_job import RunnerJobWorkflow
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
@@ -55,6 +65,8 @@ from workflows.sweeper import (
     SweeperWorkflow,
     sweeper_workflow_id,
 )
+from workflows.warm_pool import WarmPoolWorkflow
+from workflows.warm_runner import WarmRunnerWorkflow
 
 log = logging.getLogger("mayfly.worker")
 
@@ -102,7 +114,14 @@ def build_workers(
     main = Worker(
         client,
         task_queue=task_queue,
-        workflows=[RunnerJobWorkflow, SlotSemaphoreWorkflow, SweeperWorkflow, HostSweeperWorkflow],
+        workflows=[
+            RunnerJobWorkflow,
+            SlotSemaphoreWorkflow,
+            SweeperWorkflow,
+            HostSweeperWorkflow,
+            WarmPoolWorkflow,
+            WarmRunnerWorkflow,
+        ],
         # wait_exit and terminate stay here for refs that name no queue (made before host queues).
         activities=[
             container_activities.spawn,
@@ -110,6 +129,7 @@ def build_workers(
             container_activities.terminate,
             *slot_activities.all(),
             sweep_activities.containers,
+            WarmPoolActivities().closed_runners,
             # Waits ten seconds before its first call and is usually cancelled by then; on the
             # rate-limited queue each start would spend a mint's share of the budget.
             github_activities.wait_online,
@@ -123,6 +143,7 @@ def build_workers(
             github_activities.mint_runner,
             github_activities.deregister_runner,
             github_activities.job_status,
+            github_activities.runner_status,
             sweep_activities.registrations,
             sweep_activities.queued_jobs,
         ],
@@ -233,6 +254,45 @@ async def sync_capacities(client: Client, settings: MayflySettings) -> None:
         )
 
 
+def warm_pool_config(settings: MayflySettings, pool: PoolSettings) -> WarmPoolConfig:
+    """What a pool's warm pool and its runners need of the worker's config."""
+    return WarmPoolConfig(
+        pool=pool.name,
+        labels=pool.labels,
+        min_idle=pool.min_idle,
+        registration_timeout_s=pool.registration_timeout_s,
+        max_lifetime_s=pool.max_lifetime_s,
+        runner_name_prefix=settings.github.runner_name_prefix,
+        github_task_queue=settings.temporal.github_task_queue,
+        status_check_interval_s=settings.job_status_check_interval_s,
+    )
+
+
+async def sync_warm_pools(client: Client, settings: MayflySettings) -> None:
+    """Hand each pool's warm pool its settings: a pool with `min_idle > 0` gets one started, and
+    a running one whose `min_idle` went to 0 drains and ends. Pools that never had one get none."""
+    for pool in settings.pools:
+        config = warm_pool_config(settings, pool)
+        workflow_id = warm_pool_workflow_id(pool.name)
+        if pool.min_idle > 0:
+            await client.start_workflow(
+                WarmPoolWorkflow.run,
+                WarmPoolInput(config=config),
+                id=workflow_id,
+                task_queue=settings.temporal.task_queue,
+                start_signal=WARM_CONFIGURE_SIGNAL,
+                start_signal_args=[config],
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                static_summary=f"Keeps {pool.min_idle} idle runners ready in pool {pool.name}",
+            )
+            continue
+        try:
+            await client.get_workflow_handle(workflow_id).signal(WARM_CONFIGURE_SIGNAL, config)
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                raise
+
+
 async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
     sealer = sealer_for(settings)
     runtime = prometheus_runtime(settings.metrics_bind_address) if settings.metrics_bind_address else None
@@ -259,6 +319,7 @@ async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
             for worker in workers:
                 await running.enter_async_context(worker)
             await sync_capacities(client, settings)
+            await sync_warm_pools(client, settings)
             if settings.health_bind_address:
                 host, port = settings.health_bind_address.rsplit(":", 1)
                 health = await serve(health_app(client), host=host, port=int(port))

@@ -1,0 +1,222 @@
+"""The steps of one runner's life, as activity calls any workflow that starts runners can make:
+mint, spawn, watch, poll for registration, deregister, terminate.
+
+The timeouts and retry policies live here once, so a warm runner and a job's runner are
+started and stopped the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.containers import ContainerActivities
+    from activities.errors import THROTTLED
+    from activities.github import GitHubActivities
+    from mayfly.models import (
+        ContainerExit,
+        ContainerRef,
+        ContainerSpec,
+        DeregisterOutcome,
+        MintedRunner,
+        MintRequest,
+        RunnerRef,
+        RunnerStatus,
+    )
+
+T = TypeVar("T")
+
+# GitHub calls: short per-call timeouts, backoff capped so a 502 burst costs seconds, not minutes.
+GITHUB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
+# Cleanup must eventually succeed: a slot is only released once its container is gone.
+CLEANUP_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
+
+
+def throttled_for(error: ActivityError) -> timedelta | None:
+    """How long GitHub asked us to wait (a rate-limit reset minutes away), if that is the failure."""
+    cause = error.cause
+    if isinstance(cause, ApplicationError) and cause.type == THROTTLED and cause.details:
+        return timedelta(seconds=float(cause.details[0]))
+    return None
+
+
+def start_mint(
+    request: MintRequest, registration_timeout_s: float, github_queue: str | None
+) -> asyncio.Task[MintedRunner]:
+    return workflow.start_activity_method(
+        GitHubActivities.mint_runner,
+        request,
+        start_to_close_timeout=timedelta(seconds=30),
+        schedule_to_close_timeout=timedelta(seconds=registration_timeout_s * 3),
+        retry_policy=GITHUB_RETRY,
+        summary=f"mint {request.runner_name}",
+        task_queue=github_queue,
+    )
+
+
+def start_spawn(spec: ContainerSpec) -> asyncio.Task[ContainerRef]:
+    return workflow.start_activity_method(
+        ContainerActivities.spawn,
+        spec,
+        start_to_close_timeout=timedelta(minutes=25),
+        schedule_to_close_timeout=timedelta(minutes=30),
+        heartbeat_timeout=timedelta(minutes=2),
+        retry_policy=GITHUB_RETRY,
+        cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        summary=f"spawn {spec.name}",
+    )
+
+
+def watch(container: ContainerRef, max_lifetime_s: float) -> asyncio.Task[ContainerExit]:
+    return workflow.start_activity_method(
+        ContainerActivities.wait_exit,
+        container,
+        start_to_close_timeout=timedelta(seconds=max_lifetime_s + 600),
+        heartbeat_timeout=timedelta(seconds=30),
+        retry_policy=CLEANUP_RETRY,
+        summary=f"watch {container.name}",
+        task_queue=container.task_queue,
+    )
+
+
+def start_online_poll(ref: RunnerRef, registration_timeout_s: float) -> asyncio.Task[RunnerStatus]:
+    return workflow.start_activity_method(
+        GitHubActivities.wait_online,
+        ref,
+        start_to_close_timeout=timedelta(seconds=registration_timeout_s + 30),
+        # Short, so the cancel sent when the webhook wins reaches the activity before its
+        # first poll (cancellation travels on heartbeat responses).
+        heartbeat_timeout=timedelta(seconds=4),
+        retry_policy=GITHUB_RETRY,
+        summary=f"poll {ref.runner_name} online",
+    )
+
+
+async def poll_until_registered(
+    ref: RunnerRef, registration_timeout_s: float, settled: Callable[[], bool]
+) -> RunnerStatus | None:
+    """Poll GitHub for the runner until it is online, `settled()` (a webhook named it, its
+    container exited, ...) or the registration timeout; GitHub's answer, if the poll got one."""
+    poll = start_online_poll(ref, registration_timeout_s)
+    try:
+        await workflow.wait_condition(
+            lambda: settled() or poll.done(),
+            timeout=timedelta(seconds=registration_timeout_s),
+            timeout_summary="registration timeout",
+        )
+    except TimeoutError:
+        pass
+    finally:
+        answered = poll.done() and not poll.cancelled() and poll.exception() is None
+        await cancel_quietly(poll)
+    return poll.result() if answered else None
+
+
+async def deregister_letting_a_job_finish(
+    deregister_once: Callable[[], Awaitable[DeregisterOutcome]],
+    exit_task: asyncio.Task[ContainerExit] | None,
+    watch_now: Callable[[], asyncio.Task[ContainerExit] | None],
+    on_busy: Callable[[], Awaitable[None]],
+    lifetime_end: datetime,
+) -> tuple[asyncio.Task[ContainerExit] | None, str | None]:
+    """Deregister before terminating: an idle runner then takes no job while it is stopped.
+
+    GitHub refuses to delete a busy runner: it took a job after all, so that job is let finish
+    (within the runner's lifetime) and deregistration tried again. Returns the exit watcher
+    (started here if the caller had none) and why deregistration failed, if it did: the caller
+    terminates anyway, and a registration left behind goes offline and is swept."""
+    while True:
+        try:
+            outcome = await deregister_once()
+        except ActivityError as error:
+            return exit_task, str(error.cause or error)
+        if outcome is not DeregisterOutcome.BUSY:
+            return exit_task, None
+        await on_busy()
+        if exit_task is None:
+            # Its spawn was cancelled or failed after the runner started and took a job: watch
+            # it now, so the job is not killed with its container.
+            exit_task = watch_now()
+        remaining = lifetime_end - workflow.now()
+        if exit_task is None or exit_task.done() or remaining <= timedelta(0):
+            return exit_task, None
+        try:
+            await workflow.wait_condition(
+                exit_task.done, timeout=remaining, timeout_summary="busy runner to finish"
+            )
+        except TimeoutError:
+            pass
+
+
+async def runner_status(ref: RunnerRef, github_queue: str | None) -> RunnerStatus:
+    return await workflow.execute_activity_method(
+        GitHubActivities.runner_status,
+        ref,
+        start_to_close_timeout=timedelta(seconds=30),
+        schedule_to_close_timeout=timedelta(minutes=2),
+        retry_policy=GITHUB_RETRY,
+        summary=f"is {ref.runner_name} busy?",
+        task_queue=github_queue,
+    )
+
+
+async def deregister(ref: RunnerRef, github_queue: str | None) -> DeregisterOutcome:
+    return await workflow.execute_activity_method(
+        GitHubActivities.deregister_runner,
+        ref,
+        start_to_close_timeout=timedelta(seconds=30),
+        retry_policy=CLEANUP_RETRY,
+        summary=f"deregister {ref.runner_name}",
+        task_queue=github_queue,
+    )
+
+
+async def terminate(ref: ContainerRef) -> ContainerExit:
+    return await workflow.execute_activity_method(
+        ContainerActivities.terminate,
+        ref,
+        start_to_close_timeout=timedelta(minutes=2),
+        retry_policy=CLEANUP_RETRY,
+        summary=f"terminate {ref.name}",
+        task_queue=ref.task_queue,
+    )
+
+
+async def finish_despite_cancel(activity: asyncio.Task[T], *, stop_it: bool) -> T:
+    """Await an activity that may create something (a registration, a container), so that a
+    workflow cancel is never lost: the activity is let finish (or asked to stop and awaited)
+    before the cancel goes on to teardown, which then finds whatever it made."""
+    try:
+        return await asyncio.shield(activity)
+    except asyncio.CancelledError:
+        if stop_it:
+            activity.cancel()
+        await workflow.wait([activity])
+        if not activity.cancelled():
+            activity.exception()  # retrieved: teardown looks for what it made by name
+        raise
+
+
+def exited(task: asyncio.Task[ContainerExit]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
+def exit_code(task: asyncio.Task[ContainerExit]) -> int | None:
+    return task.result().exit_code if exited(task) else None
+
+
+async def cancel_quietly(task: asyncio.Task[Any]) -> None:
+    """Cancel an activity we no longer need and wait until it is settled. A workflow cancel that
+    arrives meanwhile still propagates: only the task's own outcome is discarded."""
+    if not task.done():
+        task.cancel()
+    await workflow.wait([task])
+    if not task.cancelled():
+        task.exception()
