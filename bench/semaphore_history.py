@@ -62,6 +62,13 @@ class SemaphoreHistory:
         return sum(1 for earlier, later in itertools.pairwise(ordered) if later < earlier)
 
 
+def _request_ids(payloads: object) -> list[str]:
+    """The request ids of one acquire signal, or of every acquire in a batched one, in order."""
+    data = json.loads(payloads.payloads[0].data)  # type: ignore[attr-defined]
+    requests = data if isinstance(data, list) else [data.get("request", data)]
+    return [str(request["request_id"]) for request in requests]
+
+
 def _request_id(payloads: object) -> str:
     data = json.loads(payloads.payloads[0].data)  # type: ignore[attr-defined]
     request = data.get("request", data)
@@ -103,11 +110,11 @@ async def read_semaphore_history(client: Client, pool: str) -> SemaphoreHistory:
                 run.task_failures.append("TIMED_OUT")
             elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
                 attributes = event.workflow_execution_signaled_event_attributes
-                if attributes.signal_name == "acquire":
-                    rid = _request_id(attributes.input)
-                    if rid not in seen:
-                        seen.add(rid)
-                        result.acquired.append(rid)
+                if attributes.signal_name in ("acquire", "acquire_batch"):
+                    for rid in _request_ids(attributes.input):
+                        if rid not in seen:
+                            seen.add(rid)
+                            result.acquired.append(rid)
             elif kind == EventType.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED:
                 outgoing = event.signal_external_workflow_execution_initiated_event_attributes
                 if outgoing.signal_name == "slot_granted":
