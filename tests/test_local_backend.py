@@ -224,3 +224,22 @@ async def test_a_retried_spawn_leaves_a_process_started_on_another_host_to_that_
         assert heartbeats and heartbeats[0] == ("q-host-b",), "the host is named before anything is created"
     finally:
         await local.terminate("r-8")
+
+
+async def test_wait_returns_when_the_runner_exits_not_at_its_timeout(tmp_path: Path) -> None:
+    # The runner exits once the test says so; the wait is given far longer than that.
+    go = tmp_path / "go"
+    local = backend(
+        tmp_path,
+        [sys.executable, "-c", f"import os, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.05)"],
+    )
+    await local.spawn(name="r-1", owner_workflow_id="wf-a", job_id=1, jit_config=JIT, max_lifetime_s=600)
+    waiting = asyncio.create_task(local.wait("r-1", timeout_s=600))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    go.touch()
+    # Bounded far below the wait's own timeout: only an exit event can end it this soon.
+    await asyncio.wait_for(waiting, timeout=60)
+    record = await local.inspect("r-1")
+    assert record is not None and record.state is ContainerState.EXITED and record.exit_code == 0
+    await local.terminate("r-1")
