@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable
 from typing import TypeVar
+
+from temporalio import workflow
 
 T = TypeVar("T")
 
@@ -15,6 +18,13 @@ async def uncancellable(work: Awaitable[T]) -> T:
     Cleanup (giving a slot back, tearing a runner down) must not stop half-way because an
     operator cancelled the workflow: that is exactly when it must run.
     """
+    if not workflow.in_workflow():
+        # The workflow is being evicted from the worker's cache (or the worker is stopping):
+        # its coroutines are closed outside their event loop. It has not ended, and its next
+        # worker replays it, so no cleanup belongs here.
+        if inspect.iscoroutine(work):
+            work.close()
+        raise GeneratorExit
     task = asyncio.ensure_future(work)
     cancelled = False
     while True:

@@ -96,6 +96,8 @@ class SlotLease:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        if exc_type is GeneratorExit:
+            return  # evicted, not ended: the workflow's next replay holds the slot still
         await uncancellable(self._release())
         # Not in a `finally`: a workflow evicted from the worker's cache unwinds through here
         # outside its event loop. A grant for this request arriving later finds no lease.

@@ -19,6 +19,7 @@ from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
+from temporalio.workflow import NondeterminismError
 
 from activities.containers import ContainerActivities
 from activities.github import GitHubActivities
@@ -122,6 +123,11 @@ def build_workers(
             WarmPoolWorkflow,
             WarmRunnerWorkflow,
         ],
+        # A deploy whose workflow code no longer replays an open history fails that workflow
+        # rather than leaving it stuck retrying its task forever: a failed semaphore is rebuilt
+        # from its holders' re-assertions, a failed job workflow's slot is reclaimed and its
+        # job restarted by the reconciler. There is no release yet to version against.
+        workflow_failure_exception_types=[NondeterminismError],
         # wait_exit and terminate stay here for refs that name no queue (made before host queues).
         activities=[
             container_activities.spawn,
