@@ -363,8 +363,19 @@ class MayflySettings(BaseSettings):
         return tuple(sources)
 
     def pool_for(self, job_labels: list[str]) -> PoolSettings | None:
-        """The first pool, in config order, whose labels cover the job's."""
-        return next((pool for pool in self.pools if pool.serves(job_labels)), None)
+        """The most specific pool whose labels cover the job's: the one with the fewest labels
+        the job did not ask for; ties go to the pool listed first.
+
+        So a `[self-hosted, linux]` job lands on a plain linux pool, not on a GPU pool listed
+        before it, and a GPU box is only used by jobs that ask for one (or when nothing else
+        serves them)."""
+        wanted = {label.lower() for label in job_labels}
+        serving = [
+            (len({label.lower() for label in pool.labels} - wanted), order, pool)
+            for order, pool in enumerate(self.pools)
+            if pool.serves(job_labels)
+        ]
+        return min(serving, key=lambda entry: entry[:2])[2] if serving else None
 
 
 class ConfigError(Exception):

@@ -33,14 +33,17 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_toml_loads_and_routes_jobs_to_the_first_matching_pool(
+def test_toml_loads_and_routes_jobs_to_the_most_specific_pool(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("MAYFLY_CONFIG", raising=False)
     settings = load_settings(write(tmp_path, GOOD))
+    gpu, cpu = settings.pools
     assert [pool.name for pool in settings.pools] == ["gpu", "cpu"]
-    assert settings.pool_for(["self-hosted", "GPU"]) is settings.pools[0]
-    assert settings.pool_for(["linux"]) is settings.pools[0]
+    assert settings.pool_for(["self-hosted", "GPU"]) is gpu
+    # The GPU pool is listed first and covers these labels too, but has a label they lack.
+    assert settings.pool_for(["linux"]) is cpu
+    assert settings.pool_for(["self-hosted", "Linux"]) is cpu
     assert settings.pool_for(["self-hosted", "windows"]) is None
     assert settings.github.runners_path == "/repos/acme/widgets/actions/runners"
     assert "ghp_example" not in repr(settings)
@@ -117,3 +120,35 @@ def test_github_app_settings_are_checked(tmp_path: Path, github: str, message: s
     text = f'[github]\n{github}\n\n[[pools]]\nname = "cpu"\nlabels = ["x"]\nmax_runners = 1\n'
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_settings(write(tmp_path, text))
+
+
+def pools_settings(tmp_path: Path, *pools: tuple[str, list[str]]) -> MayflySettings:
+    github = GOOD.split("[[pools]]")[0]
+    listed = "".join(
+        f'[[pools]]\nname = "{name}"\nlabels = {labels!r}\nmax_runners = 1\n' for name, labels in pools
+    )
+    return load_settings(write(tmp_path, github + listed.replace("'", '"')))
+
+
+@pytest.mark.parametrize(
+    ("job_labels", "expected"),
+    [
+        (["self-hosted"], "small"),  # every pool covers it: the one with fewest extra labels
+        (["self-hosted", "linux", "x64"], "x64"),
+        (["self-hosted", "gpu"], "gpu-a"),  # a tie on extras: config order decides
+        (["gpu", "linux"], "gpu-a"),
+        (["self-hosted", "arm64"], None),
+    ],
+)
+def test_routing_takes_the_pool_with_fewest_extra_labels_and_breaks_ties_by_order(
+    tmp_path: Path, job_labels: list[str], expected: str | None
+) -> None:
+    settings = pools_settings(
+        tmp_path,
+        ("gpu-a", ["self-hosted", "linux", "gpu"]),
+        ("gpu-b", ["self-hosted", "linux", "gpu"]),
+        ("x64", ["self-hosted", "linux", "x64"]),
+        ("small", ["self-hosted", "linux"]),
+    )
+    pool = settings.pool_for(job_labels)
+    assert (pool.name if pool else None) == expected
