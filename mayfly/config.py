@@ -210,6 +210,8 @@ class GitHubSettings(BaseModel):
 
 class TemporalSettings(BaseModel):
     address: str = "localhost:7233"
+    # Where `mayfly explain` points for a workflow's page; the dev server's UI by default.
+    ui_url: str = "http://localhost:8233"
     # Temporal Cloud namespaces look like "<name>.<account>".
     namespace: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
     task_queue: str = "mayfly"

@@ -60,6 +60,14 @@ class WaiterQueue:
             ids.append(request_id)
         return ids
 
+    def position_of(self, holder_workflow_id: str) -> int | None:
+        """1-based place in the queue of that workflow's first request. A scan: for an operator's
+        question, never for a signal handler."""
+        for place, request in enumerate(self._waiters.values(), start=1):
+            if request.holder_workflow_id == holder_workflow_id:
+                return place
+        return None
+
     def all(self) -> list[AcquireRequest]:
         return list(self._waiters.values())
 

@@ -149,6 +149,11 @@ class SlotSemaphoreWorkflow:
         )
 
     @workflow.query
+    def queue_position(self, holder_workflow_id: str) -> int | None:
+        """Where that workflow waits (1 = next), or None if it does not wait."""
+        return self._waiters.position_of(holder_workflow_id)
+
+    @workflow.query
     def lookup(self, request_id: str) -> SlotLookup:
         if request_id in self._holders:
             return SlotLookup.HOLDING

@@ -143,6 +143,26 @@ def _semaphore_unavailable(error: Exception) -> str:
     return f"semaphore query failed ({type(error).__name__}: {error})"
 
 
+async def _explain(settings: MayflySettings, job_id: int) -> int:
+    from mayfly.app.explain import explain
+    from mayfly.github_factory import github_client
+
+    client = await connect(settings.temporal)
+    async with github_client(settings.github) as github:
+        for line in await explain(client, settings, job_id, github):
+            print(line)
+    return 0
+
+
+async def _jobs(settings: MayflySettings, pool: str | None, state: str | None, limit: int) -> int:
+    from mayfly.app.explain import list_jobs
+
+    client = await connect(settings.temporal)
+    for line in await list_jobs(client, pool=pool, state=state, limit=limit):
+        print(line)
+    return 0
+
+
 async def _setup(settings: MayflySettings) -> int:
     from mayfly import search_attributes
 
@@ -205,9 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--starter-port", type=int, default=8080)
     dev.add_argument("--timeout", type=float, default=600.0)
     dev.add_argument("--exit-when-done", action="store_true", help="stop once the demo jobs finish")
+    explain = sub.add_parser("explain", help="what a job's workflow, its pool and GitHub say about it")
+    explain.add_argument("job_id", type=int)
+    jobs = sub.add_parser("jobs", help="list job workflows by pool and phase")
+    jobs.add_argument("--pool")
+    jobs.add_argument("--state", help="a phase, e.g. waiting-for-slot, running, failed")
+    jobs.add_argument("--limit", type=int, default=50)
     for name in ("worker", "starter", "status", "setup"):
-        command = sub.add_parser(name)
-        command.add_argument("--config", type=Path, help="TOML config file (or set MAYFLY_CONFIG)")
+        sub.add_parser(name)
+    for command in sub.choices.values():
+        if command.prog.split()[-1] != "dev":
+            command.add_argument("--config", type=Path, help="TOML config file (or set MAYFLY_CONFIG)")
     args = parser.parse_args(argv)
     configure_logging()
     if args.command == "dev":
@@ -220,15 +248,20 @@ def main(argv: list[str] | None = None) -> int:
     if settings is None:
         return 2
     configure_logging(settings.log_format)
-    code = _run_client_command(args.command, settings)
+    code = _run_client_command(args, settings)
     # These commands have used the SDK's native runtime, which can abort at interpreter
     # shutdown (sdk-python#300) and replace the exit status: leave without finalising.
     exit_now(code)
     return code
 
 
-def _run_client_command(command: str, settings: MayflySettings) -> int:
+def _run_client_command(args: argparse.Namespace, settings: MayflySettings) -> int:
+    command = args.command
     try:
+        if command == "explain":
+            return asyncio.run(_explain(settings, args.job_id))
+        if command == "jobs":
+            return asyncio.run(_jobs(settings, args.pool, args.state, args.limit))
         if command == "starter":
             return asyncio.run(_starter(settings))
         if command == "setup":
