@@ -17,6 +17,9 @@ SLOTS_RECLAIMED = "mayfly_slots_reclaimed"
 JOB_PHASES = "mayfly_job_phase_transitions"
 REGISTRATION_FAILURES = "mayfly_registration_failures"
 WEBHOOK_TO_SPAWN_SECONDS = "mayfly_webhook_to_spawn_seconds"
+# Per closed job workflow; their sums are the usage totals, by pool and repository.
+JOB_SLOT_SECONDS = "mayfly_job_slot_seconds"
+JOB_RUNNER_SECONDS = "mayfly_job_runner_seconds"
 GITHUB_RATE_LIMIT_REMAINING = "mayfly_github_ratelimit_remaining"
 
 _SECONDS_BUCKETS = [0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
@@ -65,6 +68,15 @@ class JobMetrics:
         self.webhook_to_spawn = meter.create_histogram_float(
             WEBHOOK_TO_SPAWN_SECONDS, "from the job's workflow start to its container running", "s"
         )
+        self.slot_seconds = meter.create_histogram_float(JOB_SLOT_SECONDS, "slot-seconds a job used", "s")
+        self.runner_seconds = meter.create_histogram_float(
+            JOB_RUNNER_SECONDS, "container-seconds a job's runners lived", "s"
+        )
+
+    def record_usage(self, repository: str, *, slot_s: float, runner_s: float) -> None:
+        # The repository is one of the configured scope's: a bounded label.
+        self.slot_seconds.record(slot_s, {"repository": repository})
+        self.runner_seconds.record(runner_s, {"repository": repository})
 
 
 def record_rate_limit(meter: MetricMeter, remaining: int | None) -> None:

@@ -62,6 +62,7 @@ class RunnerJobCarry(BaseModel):
     first_started_at: datetime
     deadline: datetime
     slot_held_s: float
+    runner_s: float = 0.0
 
 
 class RunnerJobInput(BaseModel):
@@ -93,6 +94,8 @@ class RunnerJobResult(BaseModel):
     outcome: JobOutcome
     # From grant to the moment its last container was confirmed gone (the release follows).
     slot_held_s: float = 0.0
+    # Summed over its containers, from asking for each one to its confirmed end.
+    runner_s: float = 0.0
 
 
 class RunnerJobState(BaseModel):

@@ -13,14 +13,27 @@ REPOSITORY = SearchAttributeKey.for_keyword("MayflyRepository")
 JOB_ID = SearchAttributeKey.for_int("MayflyJobId")
 RUNNER = SearchAttributeKey.for_keyword("MayflyRunner")
 STATE = SearchAttributeKey.for_keyword("MayflyState")
+# Set when a job workflow closes: what `mayfly usage` totals.
+SLOT_SECONDS = SearchAttributeKey.for_float("MayflySlotSeconds")
+RUNNER_SECONDS = SearchAttributeKey.for_float("MayflyRunnerSeconds")
 
-ALL: list[SearchAttributeKey[str] | SearchAttributeKey[int]] = [POOL, REPOSITORY, JOB_ID, RUNNER, STATE]
+ALL: list[SearchAttributeKey[str] | SearchAttributeKey[int] | SearchAttributeKey[float]] = [
+    POOL,
+    REPOSITORY,
+    JOB_ID,
+    RUNNER,
+    STATE,
+    SLOT_SECONDS,
+    RUNNER_SECONDS,
+]
 
 
 def dev_server_flags() -> list[str]:
     flags: list[str] = []
     for key in ALL:
-        kind = "Int" if key is JOB_ID else "Keyword"
+        kind = {JOB_ID.name: "Int", SLOT_SECONDS.name: "Double", RUNNER_SECONDS.name: "Double"}.get(
+            key.name, "Keyword"
+        )
         flags += ["--search-attribute", f"{key.name}={kind}"]
     return flags
 

@@ -519,6 +519,10 @@ class GitHubSimulator:
     def runners(self) -> list[RunnerView]:
         return self.state.runner_views()
 
+    def runner_lifetimes(self) -> dict[str, float]:
+        """Seconds from registration to removal of every runner removed so far, by name."""
+        return dict(self.state.runner_lifetimes)
+
     def revoke_installation_tokens(self) -> None:
         """Invalidate every installation token issued so far, as uninstalling and reinstalling
         the App or a credential rotation would; the next use of one gets 401."""

@@ -163,6 +163,7 @@ class _Runner:
     connected_seq: int = 0
     last_seen: float = 0.0
     job_id: int | None = None
+    created_at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -219,6 +220,8 @@ class SimState:
         self._runners: dict[int, _Runner] = {}
         # Ids of runners that existed once, so an agent can tell "deleted" (410) from a typo (404).
         self._deleted_runner_ids: set[int] = set()
+        # Seconds from registration to removal, per removed runner: what a runner cost.
+        self.runner_lifetimes: dict[str, float] = {}
         self._jobs: dict[int, _Job] = {}
         self._label_ids: dict[str, int] = {}
         self._next_runner_id = 1
@@ -485,6 +488,7 @@ class SimState:
         self._emit("completed", job)
 
     def _remove_runner(self, runner: _Runner) -> None:
+        self.runner_lifetimes[runner.name] = time.time() - runner.created_at
         del self._runners[runner.id]
         self._deleted_runner_ids.add(runner.id)
         self._on_change()

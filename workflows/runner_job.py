@@ -124,6 +124,7 @@ class RunnerJobWorkflow:
             carry.deadline if carry else self._first_started_at + timedelta(seconds=params.job_deadline_s)
         )
         self._slot_held_before_s = carry.slot_held_s if carry else 0.0
+        self._runner_s = carry.runner_s if carry else 0.0
         self._ask_before_next_slot = False
         self._lease: SlotLease | None = None
         self._leases_taken = 0
@@ -248,6 +249,18 @@ class RunnerJobWorkflow:
         if not track.detached:
             self._set_phase(phase, details)
 
+    def _account_usage(self) -> None:
+        """The job's slot- and runner-seconds, on the closed workflow (for `mayfly usage`) and as
+        metrics, per pool and repository."""
+        slot_s, runner_s = self._slot_held_s(), self._runner_s
+        workflow.upsert_search_attributes(
+            [
+                search_attributes.SLOT_SECONDS.value_set(slot_s),
+                search_attributes.RUNNER_SECONDS.value_set(runner_s),
+            ]
+        )
+        self._metrics().record_usage(self._params.job.repository, slot_s=slot_s, runner_s=runner_s)
+
     def _slot_held_s(self) -> float:
         return self._slot_held_before_s + (self._lease.held_s() if self._lease is not None else 0.0)
 
@@ -259,6 +272,7 @@ class RunnerJobWorkflow:
             registration_failures=self._failed_attempts,
             outcome=outcome,
             slot_held_s=self._slot_held_s(),
+            runner_s=self._runner_s,
         )
 
     def _remaining(self) -> timedelta:
@@ -306,10 +320,14 @@ class RunnerJobWorkflow:
     @workflow.run
     async def run(self, params: RunnerJobInput) -> RunnerJobResult:
         try:
-            return self._result(await self._serve())
+            result = self._result(await self._serve())
+            self._account_usage()
+            return result
         except _ContinueAsNew:
             workflow.continue_as_new(self._carry_over())
         except BaseException as error:
+            if is_cancelled_exception(error) or isinstance(error, (ApplicationError, ActivityError)):
+                self._account_usage()
             if is_cancelled_exception(error):
                 self._set_phase(JobPhase.CANCELLED, "cancelled on request; every runner it started is gone")
                 # An activity's cancellation surfaces as an ActivityError; the workflow itself
@@ -331,6 +349,7 @@ class RunnerJobWorkflow:
             first_started_at=self._first_started_at,
             deadline=self._deadline,
             slot_held_s=self._slot_held_s(),
+            runner_s=self._runner_s,
         )
         return self._params.model_copy(update={"carry": carry})
 
@@ -345,12 +364,13 @@ class RunnerJobWorkflow:
     async def _settle_handed_off(self) -> None:
         if not self._handed_off:
             return
-        settled_phase = (self._phase, self._phase_details)
-        self._set_phase(
-            JobPhase.TEARING_DOWN, f"{len(self._handed_off)} runner(s) of ours finish jobs GitHub gave them"
+        # Details only: the job's phase (and its metric) is already final.
+        workflow.set_current_details(
+            f"**{self._phase.value}**: {self._phase_details}; waiting for {len(self._handed_off)} "
+            "runner(s) of ours to finish jobs GitHub gave them"
         )
         await workflow.wait(self._handed_off)
-        self._set_phase(*settled_phase)
+        workflow.set_current_details(f"**{self._phase.value}**: {self._phase_details}")
         failures = [t.exception() for t in self._handed_off if not t.cancelled() and t.exception()]
         self._handed_off = []
         if failures and failures[0] is not None:
@@ -489,7 +509,7 @@ class RunnerJobWorkflow:
         container: ContainerRef | None = None
         spawn_tried = False
         exit_task: asyncio.Task[ContainerExit] | None = None
-        spawned_at = workflow.now()
+        spawned_at = spawn_started = workflow.now()
         try:
             self._set_phase(JobPhase.MINTING, f"a JIT config for `{track.name}`")
             minted = await self._github_call(
@@ -504,6 +524,7 @@ class RunnerJobWorkflow:
             )
             self._set_phase(JobPhase.SPAWNING, f"container `{track.name}`")
             spawn_tried = True
+            spawn_started = workflow.now()
             container = await self._finish_despite_cancel(
                 steps.start_spawn(
                     ContainerSpec(
@@ -534,6 +555,9 @@ class RunnerJobWorkflow:
             await uncancellable(
                 self._teardown(track, minted, container if container else spawn_tried, exit_task, spawned_at)
             )
+            if spawn_tried:
+                # From asking for the container to its confirmed end: what a provider bills.
+                self._runner_s += (workflow.now() - spawn_started).total_seconds()
         if track.reaped_idle and track.assigned_job is None:
             # An idle runner reaped while the job was still queued counts against the budget:
             # otherwise a job no runner can take would mint a new one every idle TTL, forever.

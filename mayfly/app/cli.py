@@ -163,6 +163,20 @@ async def _jobs(settings: MayflySettings, pool: str | None, state: str | None, l
     return 0
 
 
+async def _usage(settings: MayflySettings, since: str, by: str) -> int:
+    from mayfly.app.usage import parse_span, usage, usage_lines
+
+    try:
+        span = parse_span(since)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
+    client = await connect(settings.temporal)
+    for line in usage_lines(await usage(client, span, by), by):
+        print(line)
+    return 0
+
+
 async def _setup(settings: MayflySettings) -> int:
     from mayfly import search_attributes
 
@@ -231,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     jobs.add_argument("--pool")
     jobs.add_argument("--state", help="a phase, e.g. waiting-for-slot, running, failed")
     jobs.add_argument("--limit", type=int, default=50)
+    usage = sub.add_parser("usage", help="slot- and runner-hours of closed job workflows")
+    usage.add_argument("--since", default="24h", help="e.g. 90m, 24h, 7d")
+    usage.add_argument("--by", choices=["pool", "repository"], default="pool")
     for name in ("worker", "starter", "status", "setup"):
         sub.add_parser(name)
     for command in sub.choices.values():
@@ -260,6 +277,8 @@ def _run_client_command(args: argparse.Namespace, settings: MayflySettings) -> i
     try:
         if command == "explain":
             return asyncio.run(_explain(settings, args.job_id))
+        if command == "usage":
+            return asyncio.run(_usage(settings, args.since, args.by))
         if command == "jobs":
             return asyncio.run(_jobs(settings, args.pool, args.state, args.limit))
         if command == "starter":

@@ -15,7 +15,6 @@ from typing import Protocol
 class ContainerState(StrEnum):
     RUNNING = "running"
     EXITED = "exited"
-    MISSING = "missing"
 
 
 @dataclass(frozen=True)
