@@ -244,3 +244,18 @@ async def test_events_out_of_order_start_nothing_twice_and_take_no_slot(
     assert [r.runners_spawned for r in results] == [0, 0]
     assert runs == [1, 1]
     assert slots is None or slots.granted_total == 0, "no slot was taken for a job that needed no runner"
+
+
+async def test_a_signed_delivery_from_another_repository_starts_nothing(
+    client: Client, task_queue: str
+) -> None:
+    job_id = 920_101
+    payload = job_payload(job_id)
+    payload["repository"] = {"full_name": "someone/else"}
+    body = json.dumps(payload).encode()
+    async with starter_client(client, task_queue) as http:
+        response = await post(http, body, signature=sign(body))
+        metrics = (await http.get("/metrics")).text
+    assert response.status_code == 202 and "not one this deployment serves" in response.text
+    assert 'mayfly_webhook_deliveries_total{outcome="ignored_unknown_scope"} 1.0' in metrics
+    assert not await workflow_exists(client, job_id)

@@ -62,10 +62,16 @@ class WebhookJob(BaseModel):
     conclusion: ShortText | None = None
 
 
+class WebhookInstallation(BaseModel):
+    id: GitHubId
+
+
 class WorkflowJobWebhook(BaseModel):
     action: str = Field(max_length=64)
     workflow_job: WebhookJob
     repository: WebhookRepository
+    # Present when a GitHub App sends the delivery.
+    installation: WebhookInstallation | None = None
 
 
 def json_depth_exceeds(body: bytes, limit: int) -> bool:
@@ -191,8 +197,33 @@ class WebhookStarter:
             log.exception("dispatch of job %s failed", payload.workflow_job.id)
             return _answer(503, "the event could not be handed to Temporal; redeliver it later")
 
+    def _in_scope(self, payload: WorkflowJobWebhook) -> bool:
+        """Whether the delivery comes from the repository or organization (and App installation)
+        this deployment serves: anyone who can sign can also name another repository."""
+        github = self._settings.github
+        repository = payload.repository.full_name.lower()
+        if github.repository and repository != github.repository.lower():
+            return False
+        if github.organization and repository.split("/")[0] != github.organization.lower():
+            return False
+        installation = payload.installation
+        return (
+            github.installation_id is None
+            or installation is None
+            or installation.id == github.installation_id
+        )
+
     async def _dispatch(self, payload: WorkflowJobWebhook, delivery: str) -> JSONResponse:
         job = payload.workflow_job
+        if not self._in_scope(payload):
+            self._count("ignored_unknown_scope")
+            log.info(
+                "delivery %s: job %s of %s is outside the configured scope; ignored",
+                delivery,
+                job.id,
+                payload.repository.full_name,
+            )
+            return _answer(202, "this repository is not one this deployment serves")
         info = JobInfo(
             job_id=job.id,
             run_id=job.run_id,
