@@ -163,7 +163,6 @@ def adversarial_cases(job_id: int) -> dict[str, tuple[bytes, str]]:
             b'{"action": "queued", "x": "' + b'\\"' * 400_000,
             '\\"\\"',
         ),
-        "empty labels": (job(labels=[]), 'labels": []'),
         "blank label": (job(labels=["self-hosted", " "]), '" "'),
         "5000 labels": (job(labels=[f"label-{i}" for i in range(5000)]), "label-4999"),
         "100 KB label": (job(labels=["x" * 100_000]), "x" * 200),
@@ -189,6 +188,12 @@ async def test_adversarial_deliveries_get_4xx_echo_nothing_and_start_nothing(
     print("\n" + "\n".join(f"  {status}  {case}" for case, status in statuses.items()))
     assert set(statuses.values()) == {400}, statuses
     assert not await workflow_exists(client, job_id)
+
+    # A job with no labels targets a runner group only: valid, but no pool may take it.
+    unlabelled = job_payload(job_id)
+    unlabelled["workflow_job"]["labels"] = []
+    response = await live_starter.deliver(json.dumps(unlabelled).encode())
+    assert response.status_code == 202 and not await workflow_exists(client, job_id)
 
     # An unknown but small action is ignored, named nowhere: neither in the answer nor in a label.
     odd = job_payload(job_id)

@@ -56,8 +56,8 @@ class WebhookJob(BaseModel):
     run_id: GitHubId
     run_attempt: GitHubId = 1
     name: str = Field(default="", max_length=1024)
-    # No labels cannot come from a real `runs-on`; routing it would hand it the first pool.
-    labels: list[Label] = Field(min_length=1, max_length=64)
+    # Empty for a job that targets a runner group only (`runs-on: {group: ...}`).
+    labels: list[Label] = Field(max_length=64)
     runner_name: ShortText | None = None
     conclusion: ShortText | None = None
 
@@ -215,6 +215,11 @@ class WebhookStarter:
 
     async def _dispatch(self, payload: WorkflowJobWebhook, delivery: str) -> JSONResponse:
         job = payload.workflow_job
+        if not job.labels:
+            # Every pool's labels cover an empty set: routing it would hand it an arbitrary pool.
+            self._count("ignored_no_pool")
+            log.info("delivery %s: job %s names no labels (a runner group only); ignored", delivery, job.id)
+            return _answer(202, "no pool serves a job without labels")
         if not self._in_scope(payload):
             self._count("ignored_unknown_scope")
             log.info(
