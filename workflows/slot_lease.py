@@ -123,8 +123,17 @@ class SlotLease:
                 requested_at=workflow.now(),
             ),
         )
-        self._terms = await workflow.execute_local_activity_method(
-            SlotActivities.request, self._request, start_to_close_timeout=SLOT_CALL_TIMEOUT
+        # An activity, not a local one: a local activity runs inside the workflow task, and a
+        # task that then times out is replayed without its result. When new events change the
+        # replay's mind (the job was served meanwhile), nobody knows of the acquire it sent,
+        # and the slot it gets is held until the workflow closes (seen at 150 runners under
+        # load: six slots lost that way starved six jobs). An activity runs only once the
+        # decision to ask is in the history.
+        self._terms = await workflow.execute_activity_method(
+            SlotActivities.request,
+            self._request,
+            start_to_close_timeout=SLOT_CALL_TIMEOUT,
+            summary=f"ask for a slot in pool {self.pool}",
         )
         until = workflow.now() + wait_at_most if wait_at_most is not None else None
         while not (self.granted or give_up()):
