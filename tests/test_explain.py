@@ -42,7 +42,9 @@ async def test_explain_and_jobs_for_a_running_a_waiting_and_a_failed_job(stack_f
     assert f"holders: {job_workflow_id(running)}" in text
     assert "GitHub: queued" in text
 
-    listed = "\n".join(await list_jobs(stack.client, pool=None, state="waiting-for-slot", limit=50))
+    assert stack.settings is not None
+    pool = stack.settings.pools[0].name  # unique to this test: other tests share the server
+    listed = "\n".join(await list_jobs(stack.client, pool=pool, state="waiting-for-slot", limit=50))
     assert job_workflow_id(waiting) in listed and job_workflow_id(running) not in listed
 
     # A mint GitHub refuses for good fails the job's workflow, which explain then reports.
