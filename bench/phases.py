@@ -33,13 +33,28 @@ PHASES = [
 @dataclass
 class Timeline:
     samples: dict[str, list[float]] = field(default_factory=dict)
+    grants: list[datetime] = field(default_factory=list)
+    releases: list[datetime] = field(default_factory=list)
 
     def add(self, name: str, seconds: float) -> None:
         self.samples.setdefault(name, []).append(seconds)
 
-    def report(self) -> str:
+    def idle_slot_gaps(self, cap: int) -> list[float]:
+        """How long a slot stood free between one job's release and the next job's grant.
+
+        With the pool full and grants in FIFO order, the k-th release frees the slot that the
+        (cap + k)-th grant takes, so pairing the sorted lists measures the whole hop: the
+        release signal, the semaphore's task, the grant signal and the waiter's task."""
+        grants, releases = sorted(self.grants), sorted(self.releases)
+        return [
+            (grant - release).total_seconds() for release, grant in zip(releases, grants[cap:], strict=False)
+        ]
+
+    def report(self, cap: int | None = None) -> str:
         lines = [f"{'phase':<32} {'mean':>7} {'p50':>7} {'p95':>7}  n"]
-        for name, _, _ in PHASES:
+        if cap is not None:
+            self.samples["release -> next grant (idle)"] = self.idle_slot_gaps(cap)
+        for name in [name for name, _, _ in PHASES] + ["release -> next grant (idle)"]:
             values = sorted(self.samples.get(name, []))
             if not values:
                 continue
@@ -111,6 +126,9 @@ async def job_timeline(client: Client, job_ids: Iterable[int]) -> Timeline:
     for job_id in job_ids:
         history = await client.get_workflow_handle(job_workflow_id(job_id)).fetch_history()
         marks = _markers(history.events)
+        if "granted" in marks and "release" in marks:
+            timeline.grants.append(marks["granted"])
+            timeline.releases.append(marks["release"])
         for name, start, end in PHASES:
             if start in marks and end in marks:
                 timeline.add(name, (marks[end] - marks[start]).total_seconds())

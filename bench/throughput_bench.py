@@ -90,7 +90,7 @@ async def run_mayfly(client: Client, args: argparse.Namespace, state_dir: Path) 
             held += (await handle.result()).slot_held_s
         total, ok = api_calls(stack.simulator)
         print("mayfly per-phase timeline (from job histories):")
-        print((await job_timeline(client, job_ids)).report())
+        print((await job_timeline(client, job_ids)).report(cap=args.cap))
         print("mayfly GitHub calls by route and status:")
         for key, count in sorted(stack.simulator.calls.items()):
             if key[-3:].isdigit():

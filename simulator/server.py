@@ -519,6 +519,10 @@ class GitHubSimulator:
     def runners(self) -> list[RunnerView]:
         return self.state.runner_views()
 
+    def connected_runners(self) -> list[str]:
+        """Names of the runners whose listener connected, in order: a JIT config is used once."""
+        return list(self.state.connected_names)
+
     def runner_lifetimes(self) -> dict[str, float]:
         """Seconds from registration to removal of every runner removed so far, by name."""
         return dict(self.state.runner_lifetimes)

@@ -228,6 +228,8 @@ class SimState:
         self._next_job_id = first_job_id
         self._next_run_id = 90_000
         self._connect_seq = 0
+        # Names of runners in the order they connected, for tests asserting one never did.
+        self.connected_names: list[str] = []
 
     # ----------------------------------------------------------------- views
 
@@ -311,6 +313,7 @@ class SimState:
         runner.session_id = secrets.token_urlsafe(16)
         self._connect_seq += 1
         runner.connected_seq = self._connect_seq
+        self.connected_names.append(runner.name)
         self._mark_online(runner)
         self._on_change()
         return runner

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import httpx
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
@@ -18,6 +19,7 @@ from mayfly.app.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.backends import ContainerBackend, ContainerRecord, ContainerState
 from mayfly.models import JobPhase, RunnerJobResult, job_workflow_id
 from simulator import FaultConfig
+from simulator.runner import START_DELAY_ENV
 from tests.backends import DelegatingBackend
 from tests.jobs import in_phase, job_handle, nothing_left, until
 
@@ -334,3 +336,47 @@ async def test_a_job_whose_runner_took_a_long_job_gets_a_new_runner_without_wait
         result = RunnerJobResult.model_validate(await handle.result())
     assert result.runners_spawned == 2 and result.outcome == "served"
     await until(lambda: nothing_left(stack))
+
+
+async def test_a_runner_still_connecting_when_another_runner_takes_its_job_is_torn_down_at_once(
+    stack_factory: StackFactory,
+) -> None:
+    # Runners are not bound to jobs: a runner that connected first takes the queued job while
+    # ours is still starting. Ours is surplus from that moment, and must be deregistered and
+    # stopped then, not once it comes online: a slot held for an idle runner is what made the
+    # happy path's last jobs wait seconds for nothing.
+    stack = await stack_factory(max_runners=1, runner_env={START_DELAY_ENV: "30"})
+    sim = stack.simulator
+    (job,) = stack.queue_jobs(1, duration_s=1.0)
+    ours = f"mayfly-{job}-a1"
+    await until(in_phase(stack, job, JobPhase.REGISTERING))
+    async with httpx.AsyncClient(base_url=sim.url, headers={"Authorization": f"Bearer {sim.token}"}) as api:
+        minted = await api.post(
+            f"/repos/{sim.owner}/{sim.repo}/actions/runners/generate-jitconfig",
+            json={"name": "foreign-1", "runner_group_id": 1, "labels": DEMO_LABELS},
+        )
+        assert minted.status_code == 201, minted.text
+        connected = await api.post(
+            "/_sim/agent/connect", json={"jitconfig": minted.json()["encoded_jit_config"]}
+        )
+        assert connected.status_code == 200, connected.text
+        agent = f"/_sim/agent/{connected.json()['runner_id']}"
+        session = {"X-Sim-Runner-Session": connected.json()["session_id"]}
+        took = await api.get(f"{agent}/job", params={"wait": 5}, headers=session)
+        assert took.status_code == 200 and took.json()["job_id"] == job
+        async with asyncio.timeout(20):
+            await job_handle(stack, job).result()
+        done = await api.post(
+            f"{agent}/complete", json={"job_id": job, "conclusion": "success"}, headers=session
+        )
+        assert done.status_code == 204, done.text
+    assert sim.job(job).runner_name == "foreign-1"
+    assert ours not in sim.connected_runners(), "our surplus runner was left to connect"
+    assert ours not in [r.name for r in sim.runners()], "our surplus runner is still registered"
+    await until(lambda: nothing_left_of_ours(stack))
+
+
+async def nothing_left_of_ours(stack: EmbeddedStack) -> bool:
+    running = [r for r in await stack.backend.list() if r.state is ContainerState.RUNNING]
+    slots = await stack.semaphore_status()
+    return not running and not slots.holders and not slots.waiters

@@ -543,6 +543,10 @@ class RunnerJobWorkflow:
             exit_task = self._watch(container)
             self._set_phase(JobPhase.REGISTERING, f"`{track.name}` to come online")
             if not await self._confirm_registration(track, minted, exit_task):
+                if self._surplus(track):
+                    # Our job went to another runner while ours was still connecting: waiting
+                    # for it to come online would only hold the slot until the next poll.
+                    return False
                 return self._registration_not_seen(track, exit_task)
             self._set_phase(JobPhase.RUNNING, f"`{track.name}` is online")
             await self._wait_until_runner_done(track, exit_task, spawned_at, unit)
@@ -585,6 +589,10 @@ class RunnerJobWorkflow:
         )
         return False
 
+    def _surplus(self, track: _RunnerTrack) -> bool:
+        """Our job went to another runner (or was cancelled) and this one has no job of its own."""
+        return track.assigned_job is None and not self._job_needs_runner()
+
     async def _confirm_registration(
         self, track: _RunnerTrack, minted: MintedRunner, exit_task: asyncio.Task[ContainerExit]
     ) -> bool:
@@ -592,7 +600,7 @@ class RunnerJobWorkflow:
         status = await steps.poll_until_registered(
             RunnerRef(runner_name=track.name, runner_id=minted.runner_id),
             self._params.registration_timeout_s,
-            lambda: track.online or exit_task.done(),
+            lambda: track.online or exit_task.done() or self._surplus(track),
         )
         if status is not None:
             track.online = track.online or status.online or status.busy
@@ -613,8 +621,7 @@ class RunnerJobWorkflow:
         next_check = registered_at + check_every
 
         def surplus() -> bool:
-            # Our job went to another runner (or was cancelled) and ours has no job of its own.
-            return track.assigned_job is None and not self._job_needs_runner()
+            return self._surplus(track)
 
         job_id = params.job.job_id
         while not exit_task.done() and not surplus():
@@ -627,6 +634,7 @@ class RunnerJobWorkflow:
                     track.assigned_job,
                     job_id,
                     job_id,
+                    extra={"runner": track.name},
                 )
             now = workflow.now()
             if now >= lifetime_end:
@@ -710,7 +718,7 @@ class RunnerJobWorkflow:
             )
             if failure is not None:
                 self._last_error = f"deregistering {track.name} failed, terminating anyway: {failure}"
-                workflow.logger.warning(self._last_error)
+                workflow.logger.warning(self._last_error, extra={"runner": track.name})
         if exit_task is not None:
             await _cancel_quietly(exit_task)
         # Always confirmed by a terminate, even after the watcher saw an exit: a watcher can

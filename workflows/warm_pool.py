@@ -95,7 +95,9 @@ class WarmPoolWorkflow:
                     *self._served,
                     ServedJob(runner_name=name, job_id=report.job_id, at=workflow.now()),
                 ][-SERVED_KEPT:]
-                workflow.logger.info("warm runner %s took job %s", name, report.job_id)
+                workflow.logger.info(
+                    "warm runner %s took job %s", name, report.job_id, extra={"runner": name}
+                )
 
     @workflow.query
     def status(self) -> WarmPoolStatus:
@@ -181,7 +183,9 @@ class WarmPoolWorkflow:
             return
         for workflow_id in closed:
             name = ids[workflow_id]
-            workflow.logger.warning("warm runner %s closed without reporting; forgotten", name)
+            workflow.logger.warning(
+                "warm runner %s closed without reporting; forgotten", name, extra={"runner": name}
+            )
             self._runners.pop(name, None)
             self._draining.discard(name)
 
@@ -214,7 +218,9 @@ class WarmPoolWorkflow:
             except Exception as error:
                 # Its workflow is closed (an operator terminated it): nothing left to drain, and
                 # the sweepers remove whatever it left behind.
-                workflow.logger.warning("warm runner %s could not be drained: %s", name, error)
+                workflow.logger.warning(
+                    "warm runner %s could not be drained: %s", name, error, extra={"runner": name}
+                )
                 self._runners.pop(name, None)
                 self._draining.discard(name)
 

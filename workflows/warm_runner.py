@@ -132,6 +132,7 @@ class WarmRunnerWorkflow:
             self._reason,
             self._job_id,
             self._lease.held_s(),
+            extra={"runner": self._name},
         )
         return WarmRunnerResult(
             runner_name=self._name,
@@ -155,7 +156,10 @@ class WarmRunnerWorkflow:
             if is_cancelled_exception(error):
                 raise
             workflow.logger.warning(
-                "warm pool %s did not take a report: %s", self._params.pool_workflow_id, error
+                "warm pool %s did not take a report: %s",
+                self._params.pool_workflow_id,
+                error,
+                extra={"runner": self._name},
             )
             return False
         return True
@@ -356,7 +360,10 @@ class WarmRunnerWorkflow:
             )
             if failure is not None:
                 workflow.logger.warning(
-                    "deregistering %s failed, terminating anyway: %s", self._name, failure
+                    "deregistering %s failed, terminating anyway: %s",
+                    self._name,
+                    failure,
+                    extra={"runner": self._name},
                 )
         if exit_task is not None:
             await steps.cancel_quietly(exit_task)

@@ -25,7 +25,7 @@ from temporalio.client import Client
 
 from mayfly.config import ConfigError, MayflySettings
 from mayfly.dispatch import DispatchRejected, DispatchUnavailable, JobDispatcher
-from mayfly.models import JobEvent, JobInfo
+from mayfly.models import JobEvent, JobInfo, job_workflow_id
 from mayfly.signing import signature_matches
 
 log = logging.getLogger("mayfly.app.starter")
@@ -94,6 +94,12 @@ def json_depth_exceeds(body: bytes, limit: int) -> bool:
 
 
 ClientProvider = Callable[[], Awaitable[Client]]
+
+
+def _log_context(payload: WorkflowJobWebhook) -> dict[str, str]:
+    """The job's workflow id and its runner (once GitHub named one), as on the worker's lines."""
+    job = payload.workflow_job
+    return {"job": job_workflow_id(job.id), "runner": job.runner_name or "-"}
 
 
 def _answer(status: int, message: str, **extra: object) -> JSONResponse:
@@ -184,17 +190,24 @@ class WebhookStarter:
             return await self._dispatch(payload, delivery if _DELIVERY_ID.match(delivery) else "?")
         except DispatchRejected as error:
             self._count("rejected_by_temporal")
-            log.warning("Temporal rejected job %s as invalid: %s", payload.workflow_job.id, error)
+            log.warning(
+                "Temporal rejected job %s as invalid: %s",
+                payload.workflow_job.id,
+                error,
+                extra=_log_context(payload),
+            )
             return _answer(400, "Temporal rejected this event as invalid")
         except DispatchUnavailable as error:
             self._count("temporal_unavailable")
-            log.warning("Temporal unavailable, asking GitHub to redeliver: %s", error)
+            log.warning(
+                "Temporal unavailable, asking GitHub to redeliver: %s", error, extra=_log_context(payload)
+            )
             return _answer(503, "Temporal is unavailable; redeliver this event later")
         except Exception:
             # Whatever else went wrong, it is on this side: GitHub may redeliver, and a 500
             # would say nothing more.
             self._count("temporal_unavailable")
-            log.exception("dispatch of job %s failed", payload.workflow_job.id)
+            log.exception("dispatch of job %s failed", payload.workflow_job.id, extra=_log_context(payload))
             return _answer(503, "the event could not be handed to Temporal; redeliver it later")
 
     def _in_scope(self, payload: WorkflowJobWebhook) -> bool:
@@ -218,7 +231,12 @@ class WebhookStarter:
         if not job.labels:
             # Every pool's labels cover an empty set: routing it would hand it an arbitrary pool.
             self._count("ignored_no_pool")
-            log.info("delivery %s: job %s names no labels (a runner group only); ignored", delivery, job.id)
+            log.info(
+                "delivery %s: job %s names no labels (a runner group only); ignored",
+                delivery,
+                job.id,
+                extra=_log_context(payload),
+            )
             return _answer(202, "no pool serves a job without labels")
         if not self._in_scope(payload):
             self._count("ignored_unknown_scope")
@@ -227,6 +245,7 @@ class WebhookStarter:
                 delivery,
                 job.id,
                 payload.repository.full_name,
+                extra=_log_context(payload),
             )
             return _answer(202, "this repository is not one this deployment serves")
         info = JobInfo(
@@ -247,10 +266,19 @@ class WebhookStarter:
         pool = await self._dispatcher.dispatch(client, info, event)
         if pool is None:
             self._count("ignored_no_pool")
-            log.info("job %s labels %s match no pool; ignored", job.id, job.labels)
+            log.info(
+                "job %s labels %s match no pool; ignored", job.id, job.labels, extra=_log_context(payload)
+            )
             return _answer(202, "no pool serves these labels")
         self._count(f"accepted:{payload.action}")  # one of _JOB_ACTIONS
-        log.info("delivery %s: job %s %s -> pool %s", delivery, job.id, payload.action, pool)
+        log.info(
+            "delivery %s: job %s %s -> pool %s",
+            delivery,
+            job.id,
+            payload.action,
+            pool,
+            extra=_log_context(payload),
+        )
         return _answer(200, "accepted")
 
     async def metrics(self, request: Request) -> Response:

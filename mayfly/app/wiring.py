@@ -41,7 +41,7 @@ from mayfly.github import GitHubClient
 from mayfly.github_factory import github_client
 from mayfly.hardening import make_non_dumpable
 from mayfly.health import health_app
-from mayfly.logs import configure_logging
+from mayfly.logs import RunnerLogContext, configure_logging
 from mayfly.metrics import prometheus_runtime
 from mayfly.models import (
     SemaphoreInput,
@@ -112,6 +112,7 @@ def build_workers(
     sweep_activities = SweepActivities(github, backends, settings)
     host_sweep_activities = HostSweepActivities(backends)
     shutdown = timedelta(seconds=graceful_shutdown_s)
+    log_context = [RunnerLogContext()]
     main = Worker(
         client,
         task_queue=task_queue,
@@ -141,6 +142,7 @@ def build_workers(
             github_activities.wait_online,
         ],
         graceful_shutdown_timeout=shutdown,
+        interceptors=log_context,
     )
     github_worker = Worker(
         client,
@@ -155,6 +157,7 @@ def build_workers(
         ],
         max_task_queue_activities_per_second=settings.github.max_calls_per_second,
         graceful_shutdown_timeout=shutdown,
+        interceptors=log_context,
     )
     workers = [main, github_worker]
     watchers = [container_activities.wait_exit, container_activities.terminate]
@@ -167,6 +170,7 @@ def build_workers(
                 activities=[*watchers, host_sweep_activities.host_containers],
                 max_concurrent_activities=settings.max_watched_containers,
                 graceful_shutdown_timeout=shutdown,
+                interceptors=log_context,
             )
         )
     if not all(backend.host_bound for backend in backends.values()):
@@ -177,6 +181,7 @@ def build_workers(
                 activities=watchers,
                 max_concurrent_activities=settings.max_watched_containers,
                 graceful_shutdown_timeout=shutdown,
+                interceptors=log_context,
             )
         )
     return workers
