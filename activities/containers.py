@@ -140,8 +140,16 @@ class ContainerActivities:
                 record = await backend.inspect(ref.name)
             except BackendError as error:
                 raise backend_failure(error) from None
-            if record is None or record.state is not ContainerState.RUNNING:
-                return ContainerExit(exit_code=record.exit_code if record else None)
+            if record is None:
+                return ContainerExit(exit_code=None)
+            if record.state is not ContainerState.RUNNING:
+                # Confirmed gone here, in the same activity: a separate terminate after every
+                # exit cost each job a workflow task and an activity round trip of slot time.
+                try:
+                    await backend.terminate(ref.name)
+                except BackendError as error:
+                    raise backend_failure(error) from None
+                return ContainerExit(exit_code=record.exit_code, gone=True)
             if record.expires_at is not None and time.time() >= record.expires_at:
                 # Enforced here too, so a runner outlives its max lifetime by one poll at most,
                 # whatever its workflow is doing.
@@ -150,7 +158,7 @@ class ContainerActivities:
                     record = await backend.terminate(ref.name)
                 except BackendError as error:
                     raise backend_failure(error) from None
-                return ContainerExit(exit_code=record.exit_code if record else None)
+                return ContainerExit(exit_code=record.exit_code if record else None, gone=True)
             activity.heartbeat()
             await backend.wait(ref.name, self._poll_interval_s)
 

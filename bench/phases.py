@@ -19,13 +19,12 @@ from mayfly.models import job_workflow_id
 
 # (name, from-marker, to-marker); markers are found in the history by `_markers`.
 PHASES = [
-    ("grant -> mint scheduled", "granted", "mint_scheduled"),
-    ("mint", "mint_scheduled", "mint_completed"),
-    ("mint -> spawn done", "mint_completed", "spawn_completed"),
+    ("mint (often before the grant)", "mint_scheduled", "mint_completed"),
+    ("grant -> spawn scheduled", "granted", "spawn_scheduled"),
+    ("spawn", "spawn_scheduled", "spawn_completed"),
     ("spawn -> running (online)", "spawn_completed", "online"),
     ("running -> exit seen", "online", "exit_completed"),
-    ("exit -> terminated", "exit_completed", "terminate_completed"),
-    ("terminated -> release sent", "terminate_completed", "release"),
+    ("exit seen -> release sent", "exit_completed", "release"),
     ("slot held (grant -> release)", "granted", "release"),
 ]
 
@@ -96,6 +95,8 @@ def _markers(events: Iterable[HistoryEvent]) -> dict[str, datetime]:
             scheduled[event.event_id] = activity
             if activity == "github.mint_runner":
                 first("mint_scheduled", event)
+            elif activity == "containers.spawn":
+                first("spawn_scheduled", event)
         elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
             activity = scheduled.get(event.activity_task_completed_event_attributes.scheduled_event_id, "")
             marker = {

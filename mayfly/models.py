@@ -134,6 +134,15 @@ class SlotGrant(BaseModel):
     request_id: str
 
 
+# Sent to the few waiters at the head of a full pool's queue: their grant is near, so a holder
+# may prepare what needs no slot (a runner's JIT config) and spend none of the slot's time on it.
+SLOT_SOON_SIGNAL = "slot_soon"
+
+
+class SlotSoon(BaseModel):
+    request_id: str
+
+
 class Holder(BaseModel):
     request: AcquireRequest
     granted_at: datetime
@@ -329,6 +338,9 @@ class ContainerRef(BaseModel):
 
 class ContainerExit(BaseModel):
     exit_code: int | None
+    # The watcher saw the container exit and removed what was left of it, so nothing remains
+    # to terminate. False when the backend had lost track of it: then it is terminated by name.
+    gone: bool = False
 
 
 RUNNER_NAME = re.compile(r"^(?P<prefix>[a-z][a-z0-9]{0,15})-(?P<job_id>\d+)-a(?P<attempt>\d+)$")

@@ -9,6 +9,7 @@ per signal is what stalled workflow tasks past the deadlock detector at 9,000 wa
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import zlib
 from collections import OrderedDict, deque
@@ -59,6 +60,10 @@ class WaiterQueue:
                 break
             ids.append(request_id)
         return ids
+
+    def first(self, count: int) -> list[AcquireRequest]:
+        """The `count` oldest waiters: O(count), whatever the backlog."""
+        return list(itertools.islice(self._waiters.values(), count))
 
     def position_of(self, holder_workflow_id: str) -> int | None:
         """1-based place in the queue of that workflow's first request. A scan: for an operator's

@@ -3,7 +3,7 @@
     .venv/bin/python -m tests.record_histories
 
 Runs a few jobs through the embedded stack on a fresh dev server (served, lost webhooks,
-approval, cancelled while running, registration failure) and stores the histories of their
+approval, cancelled while running, minted ahead behind a full pool) and stores the histories of their
 RunnerJob workflows, of the pool's SlotSemaphore and of the Sweeper in tests/histories/.
 Until a first release, a change that breaks replay regenerates these in the same commit,
 with intent; after it, such a change needs versioning instead.
@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowFailureError
 
 from mayfly.app.embedded import DEMO_LABELS, EmbeddedStack
@@ -39,6 +40,23 @@ async def _until_phase(client: Client, job_id: int, phase: JobPhase) -> None:
             except Exception:
                 pass
             await asyncio.sleep(0.2)
+
+
+async def _minted_before_grant(client: Client, job_id: int) -> bool:
+    events = (await client.get_workflow_handle(job_workflow_id(job_id)).fetch_history()).events
+    kinds: list[str] = []
+    for e in events:
+        if (
+            e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+            and e.activity_task_scheduled_event_attributes.activity_type.name == "github.mint_runner"
+        ):
+            kinds.append("mint")
+        elif (
+            e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+            and e.workflow_execution_signaled_event_attributes.signal_name == "slot_granted"
+        ):
+            kinds.append("grant")
+    return "mint" in kinds and "grant" in kinds and kinds.index("mint") < kinds.index("grant")
 
 
 async def _save(client: Client, workflow_id: str, name: str) -> None:
@@ -84,6 +102,12 @@ async def record(client: Client, state_dir: Path) -> None:
         except WorkflowFailureError:
             pass
 
+        # A full pool: the waiters at the head of the queue are told their slot is near and
+        # mint before their grant.
+        behind = stack.queue_jobs(4, duration_s=2.0)
+        await stack.wait_jobs_finished(behind, within_s=60)
+        minted_ahead = [job_id for job_id in behind if await _minted_before_grant(client, job_id)]
+
         HISTORIES.mkdir(exist_ok=True)
         # The warm-pool histories have their own recorder (tests/record_warm_histories.py).
         for old in HISTORIES.glob("*.json"):
@@ -93,6 +117,7 @@ async def record(client: Client, state_dir: Path) -> None:
         for job_id, name in ((served, "job-served"), (lost, "job-lost-webhooks"), (approved, "job-approved")):
             await _save(client, job_workflow_id(job_id), name)
         await _save(client, job_workflow_id(cancelled), "job-cancelled-running")
+        await _save(client, job_workflow_id(minted_ahead[0]), "job-minted-ahead")
         await _save(client, semaphore_workflow_id("record"), "semaphore")
         await _save(client, sweeper_workflow_id("record"), "sweeper")
     finally:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
 import pytest
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError, CancelledError
 
@@ -21,7 +22,7 @@ from mayfly.models import JobPhase, RunnerJobResult, job_workflow_id
 from simulator import FaultConfig
 from simulator.runner import START_DELAY_ENV
 from tests.backends import DelegatingBackend
-from tests.jobs import in_phase, job_handle, nothing_left, until
+from tests.jobs import in_phase, job_handle, nothing_left, phase, until
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 StackFactory = Callable[..., Awaitable[EmbeddedStack]]
@@ -380,3 +381,58 @@ async def nothing_left_of_ours(stack: EmbeddedStack) -> bool:
     running = [r for r in await stack.backend.list() if r.state is ContainerState.RUNNING]
     slots = await stack.semaphore_status()
     return not running and not slots.holders and not slots.waiters
+
+
+def _mint_before_grant(events: Sequence[HistoryEvent]) -> bool:
+    mints = [
+        e.event_id
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == "github.mint_runner"
+    ]
+    grants = [
+        e.event_id
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+        and e.workflow_execution_signaled_event_attributes.signal_name == "slot_granted"
+    ]
+    return bool(mints) and (not grants or min(mints) < min(grants))
+
+
+async def test_the_next_waiters_mint_before_their_grant_and_an_unused_registration_is_deregistered(
+    stack_factory: StackFactory,
+) -> None:
+    # The semaphore tells the head of a full pool's queue (as many waiters as the cap) that
+    # their slot is near; they mint their runner's JIT config then, so the held slot spends
+    # nothing on it. A waiter whose job is cancelled before its grant must not leave that
+    # registration behind.
+    stack = await stack_factory(max_runners=2)
+    sim = stack.simulator
+    jobs = stack.queue_jobs(4, duration_s=3.0)
+    # Two jobs hold the slots; the other two wait, each with a registered runner of its own.
+    await sim.wait_for(
+        lambda: {f"mayfly-{job_id}-a1" for job_id in jobs} <= {r.name for r in sim.runners()}, 30
+    )
+    waiting = [job_id for job_id in jobs if await phase(stack, job_id) is JobPhase.WAITING_FOR_SLOT]
+    assert len(waiting) == 2, waiting
+    served, cancelled = waiting
+    sim.cancel_job(cancelled)
+    async with asyncio.timeout(60):
+        for job_id in jobs:
+            await job_handle(stack, job_id).result()
+    served_history = (await job_handle(stack, served).fetch_history()).events
+    assert _mint_before_grant(served_history), "the waiter minted before its slot was granted"
+    # Served by some runner of ours: runners are not bound to jobs.
+    assert sim.job(served).conclusion == "success"
+    cancelled_history = (await job_handle(stack, cancelled).fetch_history()).events
+    assert not _scheduled(cancelled_history, "containers.spawn"), "the cancelled job never held a slot"
+    assert all(r.name != f"mayfly-{cancelled}-a1" for r in sim.runners()), "its registration is gone"
+    await until(lambda: nothing_left(stack))
+
+
+def _scheduled(events: Sequence[HistoryEvent], activity: str) -> bool:
+    return any(
+        e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == activity
+        for e in events
+    )

@@ -243,3 +243,24 @@ async def test_wait_returns_when_the_runner_exits_not_at_its_timeout(tmp_path: P
     record = await local.inspect("r-1")
     assert record is not None and record.state is ContainerState.EXITED and record.exit_code == 0
     await local.terminate("r-1")
+
+
+async def test_the_watcher_that_sees_an_exit_removes_the_container_and_says_so(tmp_path: Path) -> None:
+    # The workflow skips its terminate only on this answer, so it must mean "nothing is left".
+    local = backend(tmp_path, [sys.executable, "-c", "raise SystemExit(3)"])
+    activities = ContainerActivities({"pool": local}, Sealer.ephemeral(), poll_interval_s=0.1)
+    record = await local.spawn(
+        name="r-8", owner_workflow_id="wf", job_id=8, jit_config=JIT, max_lifetime_s=600
+    )
+    ref = ContainerRef(pool="pool", name="r-8", backend_id=record.backend_id)
+    exit = await asyncio.wait_for(ActivityEnvironment().run(activities.wait_exit, ref), timeout=30)
+    assert exit.exit_code == 3 and exit.gone
+    assert await local.inspect("r-8") is None
+
+
+async def test_a_watcher_that_lost_track_of_the_container_does_not_claim_it_gone(tmp_path: Path) -> None:
+    local = backend(tmp_path)
+    activities = ContainerActivities({"pool": local}, Sealer.ephemeral(), poll_interval_s=0.1)
+    ref = ContainerRef(pool="pool", name="never-made", backend_id="")
+    exit = await asyncio.wait_for(ActivityEnvironment().run(activities.wait_exit, ref), timeout=30)
+    assert exit.exit_code is None and not exit.gone

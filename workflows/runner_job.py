@@ -90,6 +90,18 @@ class _SlotUnit:
     handed_off: bool = False
 
 
+@dataclass
+class _MintAhead:
+    """The JIT config of a slot's first runner, minted while the job still waits for the slot
+    once the semaphore says it is near: registering then costs the held slot nothing. Claimed
+    by that runner, or deregistered when the slot ends without it."""
+
+    name: str
+    task: asyncio.Task[MintedRunner | None] | None = None
+    minting: bool = False
+    claimed: bool = False
+
+
 def _permanent(error: ActivityError) -> bool:
     cause = error.cause
     return isinstance(cause, ApplicationError) and cause.non_retryable and cause.type in PERMANENT_ERROR_TYPES
@@ -455,6 +467,67 @@ class RunnerJobWorkflow:
                 self._lease = None
 
     async def _hold_slot(self, unit: _SlotUnit) -> None:
+        ahead = _MintAhead(
+            name=runner_name_for(
+                self._params.runner_name_prefix, self._params.job.job_id, self._runners_started + 1
+            )
+        )
+        ahead.task = asyncio.create_task(self._mint_ahead(unit.lease, ahead))
+        try:
+            await self._hold_slot_runners(unit, ahead)
+        finally:
+            await uncancellable(self._discard_mint_ahead(ahead))
+
+    async def _mint_ahead(self, lease: SlotLease, ahead: _MintAhead) -> MintedRunner | None:
+        await workflow.wait_condition(lambda: lease.soon or lease.granted or not self._job_needs_runner())
+        if lease.granted or not self._job_needs_runner():
+            return None  # granted at once (the pool was not full): minted the usual way
+        ahead.minting = True
+        return await self._github_call(lambda: self._start_mint(ahead.name))
+
+    async def _discard_mint_ahead(self, ahead: _MintAhead) -> None:
+        assert ahead.task is not None
+        if ahead.claimed:
+            return
+        if not ahead.minting:
+            ahead.task.cancel()
+            await workflow.wait([ahead.task])
+            return
+        try:
+            minted = await ahead.task
+        except ActivityError:
+            minted = None  # it may have registered all the same: deregistered by name
+        try:
+            await self._deregister(
+                RunnerRef(runner_name=ahead.name, runner_id=minted.runner_id if minted else None)
+            )
+        except ActivityError as error:
+            # Never spawned, so never busy: the sweeper deletes it once this workflow is closed.
+            workflow.logger.info(
+                "unused runner %s not deregistered: %s", ahead.name, error, extra={"runner": ahead.name}
+            )
+
+    async def _mint(self, track: _RunnerTrack, ahead: _MintAhead | None) -> MintedRunner:
+        if ahead is not None and ahead.minting and not ahead.claimed and ahead.name == track.name:
+            assert ahead.task is not None
+            ahead.claimed = True
+            minted = await ahead.task
+            if minted is not None:
+                return minted
+        return await self._github_call(lambda: self._start_mint(track.name))
+
+    def _start_mint(self, name: str) -> Awaitable[MintedRunner]:
+        params = self._params
+        return self._finish_despite_cancel(
+            steps.start_mint(
+                MintRequest(pool=params.job.pool, runner_name=name, labels=params.pool_labels),
+                params.registration_timeout_s,
+                self._github_queue(),
+            ),
+            stop_it=False,
+        )
+
+    async def _hold_slot_runners(self, unit: _SlotUnit, ahead: _MintAhead) -> None:
         lease = unit.lease
         job = self._params.job
         interval = timedelta(seconds=self._params.status_check_interval_s)
@@ -486,7 +559,7 @@ class RunnerJobWorkflow:
                     non_retryable=True,
                 )
             first_in_slot = False
-            ran_a_job = await self._run_one_runner(unit)
+            ran_a_job = await self._run_one_runner(unit, ahead)
             if unit.handed_off:
                 return
             if ran_a_job and self._job_needs_runner():
@@ -495,7 +568,7 @@ class RunnerJobWorkflow:
             if self._continue_as_new_due():
                 return
 
-    async def _run_one_runner(self, unit: _SlotUnit) -> bool:
+    async def _run_one_runner(self, unit: _SlotUnit, ahead: _MintAhead | None) -> bool:
         """Start one runner and see it gone; True if it ran some job (which may be ours)."""
         params = self._params
         job = params.job
@@ -512,16 +585,7 @@ class RunnerJobWorkflow:
         spawned_at = spawn_started = workflow.now()
         try:
             self._set_phase(JobPhase.MINTING, f"a JIT config for `{track.name}`")
-            minted = await self._github_call(
-                lambda: self._finish_despite_cancel(
-                    steps.start_mint(
-                        MintRequest(pool=job.pool, runner_name=track.name, labels=params.pool_labels),
-                        params.registration_timeout_s,
-                        self._github_queue(),
-                    ),
-                    stop_it=False,
-                )
-            )
+            minted = await self._mint(track, ahead)
             self._set_phase(JobPhase.SPAWNING, f"container `{track.name}`")
             spawn_tried = True
             spawn_started = workflow.now()
@@ -721,9 +785,9 @@ class RunnerJobWorkflow:
                 workflow.logger.warning(self._last_error, extra={"runner": track.name})
         if exit_task is not None:
             await _cancel_quietly(exit_task)
-        # Always confirmed by a terminate, even after the watcher saw an exit: a watcher can
-        # also return because the backend lost track of the container (seen at 150 runners).
-        if container:
+        # A watcher can also return because the backend lost track of the container (seen at
+        # 150 runners): only an exit it saw and cleaned up spares the terminate.
+        if container and not steps.confirmed_gone(exit_task):
             await steps.terminate(self._container_ref(track, container))
 
     def _container_ref(self, track: _RunnerTrack, container: ContainerRef | bool) -> ContainerRef:

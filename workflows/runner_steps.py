@@ -212,6 +212,11 @@ def exit_code(task: asyncio.Task[ContainerExit]) -> int | None:
     return task.result().exit_code if exited(task) else None
 
 
+def confirmed_gone(task: asyncio.Task[ContainerExit] | None) -> bool:
+    """The watcher saw the container exit and removed it: no terminate is needed."""
+    return task is not None and exited(task) and task.result().gone
+
+
 async def cancel_quietly(task: asyncio.Task[Any]) -> None:
     """Cancel an activity we no longer need and wait until it is settled. A workflow cancel that
     arrives meanwhile still propagates: only the task's own outcome is discarded."""

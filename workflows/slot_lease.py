@@ -31,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.slots import SlotActivities
     from mayfly.models import (
         SLOT_GRANTED_SIGNAL,
+        SLOT_SOON_SIGNAL,
         AcquireRequest,
         ReleaseRequest,
         SemaphoreTerms,
@@ -38,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         SlotRecheck,
         SlotRelease,
         SlotRequest,
+        SlotSoon,
         holder_recheck_s,
         waiter_recheck_s,
     )
@@ -63,12 +65,18 @@ class _GrantRouter:
             return router
         router = _GrantRouter()
         workflow.set_signal_handler(SLOT_GRANTED_SIGNAL, router.deliver)
+        workflow.set_signal_handler(SLOT_SOON_SIGNAL, router.deliver_soon)
         return router
 
     def deliver(self, grant: SlotGrant) -> None:
         lease = self.leases.get(grant.request_id)
         if lease is not None:
             lease._on_grant(grant)
+
+    def deliver_soon(self, soon: SlotSoon) -> None:
+        lease = self.leases.get(soon.request_id)
+        if lease is not None:
+            lease.soon = True
 
 
 class SlotLease:
@@ -82,6 +90,8 @@ class SlotLease:
         self.pool = pool
         self.granted = False
         self.granted_at: datetime | None = None
+        # The semaphore said the grant is near: prepare what needs no slot now.
+        self.soon = False
         self._request: SlotRequest | None = None
         self._terms: SemaphoreTerms | None = None
         self._watch: asyncio.Task[None] | None = None

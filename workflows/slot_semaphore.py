@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
     from mayfly import metrics
     from mayfly.models import (
         SLOT_GRANTED_SIGNAL,
+        SLOT_SOON_SIGNAL,
         AcquireRequest,
         CarriedSemaphore,
         DeadHolderCheck,
@@ -38,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         SemaphoreStatus,
         SlotGrant,
         SlotLookup,
+        SlotSoon,
         recovery_grace_s,
     )
     from mayfly.slot_queue import ReleasedMemory, WaiterQueue, pack, unpack
@@ -49,6 +51,9 @@ with workflow.unsafe.imports_passed_through():
 CONTINUE_AFTER_EVENTS = 1_000
 CONTINUE_AFTER_BYTES = 2 * 1024 * 1024
 STATUS_WAITERS_SHOWN = 100
+# How many waiters at the head of a full pool's queue are told their slot is near (at most the
+# pool's cap: that many releases can come at once). Bounded so a huge cap costs no scan.
+SOON_AHEAD_MAX = 64
 
 
 @workflow.defn(name="SlotSemaphore")
@@ -71,6 +76,9 @@ class SlotSemaphoreWorkflow:
         # Grants are sent concurrently: awaiting each signal in turn would cost one workflow
         # task round trip per grant and serialise every handoff behind the previous one.
         self._grants_in_flight: set[asyncio.Task[None]] = set()
+        # Waiters already told their slot is near. Not carried: after a continue-as-new the
+        # head is told again, which a holder takes as a no-op.
+        self._told_soon: set[str] = set()
         self._reap: asyncio.Task[list[str]] | None = None
         self._reap_due = False
         self._reap_clock_running = False
@@ -107,6 +115,7 @@ class SlotSemaphoreWorkflow:
         if rid in self._holders or rid in self._released:
             return
         self._waiters.remove(rid)
+        self._told_soon.discard(rid)
         self._holders[rid] = holder
         self._start_recovery()
 
@@ -166,6 +175,7 @@ class SlotSemaphoreWorkflow:
     def _forget(self, request_id: str) -> None:
         self._holders.pop(request_id, None)
         self._waiters.remove(request_id)
+        self._told_soon.discard(request_id)
         # Remembered even when unknown: a release can overtake its own acquire (the holder
         # was cancelled while its acquire was still in flight).
         self._released.add(request_id)
@@ -194,9 +204,31 @@ class SlotSemaphoreWorkflow:
             self._holders[request.request_id] = Holder(request=request, granted_at=granted_at)
             self._granted_total += 1
             self._metrics().wait_seconds.record((granted_at - request.requested_at).total_seconds())
-            task = asyncio.create_task(self._send_grant(request))
-            self._grants_in_flight.add(task)
-            task.add_done_callback(self._grants_in_flight.discard)
+            self._told_soon.discard(request.request_id)
+            self._in_flight(self._send_grant(request))
+        if self._waiters and not self._recovering():
+            self._tell_the_next_waiters()
+
+    def _tell_the_next_waiters(self) -> None:
+        for request in self._waiters.first(min(self._capacity, SOON_AHEAD_MAX)):
+            if request.request_id not in self._told_soon:
+                self._told_soon.add(request.request_id)
+                self._in_flight(self._send_soon(request))
+
+    def _in_flight(self, signal: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(signal)
+        self._grants_in_flight.add(task)
+        task.add_done_callback(self._grants_in_flight.discard)
+
+    async def _send_soon(self, request: AcquireRequest) -> None:
+        handle = workflow.get_external_workflow_handle(
+            request.holder_workflow_id, run_id=request.holder_run_id
+        )
+        try:
+            await handle.signal(SLOT_SOON_SIGNAL, SlotSoon(request_id=request.request_id))
+        except ApplicationError as error:
+            if error.type != "ExternalWorkflowExecutionNotFound":
+                raise
 
     async def _send_grant(self, request: AcquireRequest) -> None:
         # A signal command, not a local activity: a command takes effect only once the server

@@ -367,7 +367,7 @@ class WarmRunnerWorkflow:
                 )
         if exit_task is not None:
             await steps.cancel_quietly(exit_task)
-        if container:
+        if container and not steps.confirmed_gone(exit_task):
             await steps.terminate(self._container_ref(container))
 
     def _container_ref(self, container: ContainerRef | bool) -> ContainerRef:
