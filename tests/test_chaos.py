@@ -23,9 +23,9 @@ from mayfly.app.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.backends import BackendError, ContainerBackend, ContainerRecord, ContainerState
 from mayfly.models import JobPhase, RunnerJobResult, job_workflow_id
 from simulator import ApiError, FaultConfig
+from simulator.probe import ConcurrencyProbe
 from tests.backends import DelegatingBackend
 from tests.jobs import phase
-from tests.probe import ConcurrencyProbe
 
 CAP = 10
 SINGLE_JOBS, MATRIX_RUNS, MATRIX_SIZE, APPROVAL_JOBS = 70, 4, 5, 10

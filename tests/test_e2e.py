@@ -10,7 +10,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 
 from mayfly.app.embedded import EmbeddedStack
 from mayfly.backends import ContainerState
-from tests.probe import ConcurrencyProbe
+from simulator.probe import ConcurrencyProbe
 
 CAP = 3
 

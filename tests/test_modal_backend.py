@@ -15,8 +15,8 @@ from mayfly.app.embedded import EmbeddedStack
 from mayfly.backends import BackendError, ContainerState, NameTakenByAnother
 from mayfly.backends.modal import ModalBackend, ModalCapacityError, ModalConfigError
 from mayfly.config import ModalBackendSettings
+from simulator.probe import ConcurrencyProbe
 from tests.fake_modal import FakeModal, FakeSandbox, serve_fake_modal
-from tests.probe import ConcurrencyProbe
 
 JIT = "eyJzZWNyZXQiOiAiaml0In0="
 

@@ -21,7 +21,7 @@ from mayfly.app.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.backends.local import LocalProcessBackend
 from mayfly.config import LocalBackendSettings
 from mayfly.models import host_task_queue, job_workflow_id
-from tests.probe import ConcurrencyProbe
+from simulator.probe import ConcurrencyProbe
 from tests.test_metrics import free_port
 from tests.test_worker_shutdown import ROOT, until_ready
 

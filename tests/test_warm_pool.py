@@ -24,8 +24,8 @@ from mayfly.warm import (
     warm_runner_workflow_id,
 )
 from simulator import FaultConfig
+from simulator.probe import ConcurrencyProbe
 from tests.jobs import in_phase, nothing_left, until
-from tests.probe import ConcurrencyProbe
 
 CAP = 3
 

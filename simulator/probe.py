@@ -1,4 +1,6 @@
-"""Reading what tests/probe_runner.py recorded."""
+"""An independent check of the cap: runner processes count themselves with flock()s.
+
+Reading what simulator/probe_runner.py recorded; used by the tests and the benchmarks."""
 
 from __future__ import annotations
 
