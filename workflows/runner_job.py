@@ -28,7 +28,6 @@ with workflow.unsafe.imports_passed_through():
         RUNNER_JOB_WORKFLOW,
         ContainerExit,
         ContainerRef,
-        ContainerSpec,
         DeregisterOutcome,
         GitHubJobStatus,
         JobEvent,
@@ -589,20 +588,7 @@ class RunnerJobWorkflow:
             self._set_phase(JobPhase.SPAWNING, f"container `{track.name}`")
             spawn_tried = True
             spawn_started = workflow.now()
-            container = await self._finish_despite_cancel(
-                steps.start_spawn(
-                    ContainerSpec(
-                        pool=job.pool,
-                        name=track.name,
-                        job_id=job.job_id,
-                        owner_workflow_id=workflow.info().workflow_id,
-                        runner_name=track.name,
-                        jit_config=minted.jit_config,
-                        max_lifetime_s=params.max_lifetime_s,
-                    )
-                ),
-                stop_it=True,
-            )
+            container = await steps.spawn(job.pool, minted, track.name, job.job_id, params.max_lifetime_s)
             self._metrics().webhook_to_spawn.record((workflow.now() - self._first_started_at).total_seconds())
             exit_task = self._watch(container)
             self._set_phase(JobPhase.REGISTERING, f"`{track.name}` to come online")

@@ -61,7 +61,24 @@ def start_mint(
     )
 
 
-def start_spawn(spec: ContainerSpec) -> asyncio.Task[ContainerRef]:
+async def spawn(
+    pool: str, runner: MintedRunner, name: str, job_id: int, max_lifetime_s: float
+) -> ContainerRef:
+    """Create the runner's container, named after the runner and owned by this workflow. A
+    cancel meanwhile stops the spawn and waits for it, so teardown finds what it created."""
+    spec = ContainerSpec(
+        pool=pool,
+        name=name,
+        job_id=job_id,
+        owner_workflow_id=workflow.info().workflow_id,
+        runner_name=name,
+        jit_config=runner.jit_config,
+        max_lifetime_s=max_lifetime_s,
+    )
+    return await finish_despite_cancel(_start_spawn(spec), stop_it=True)
+
+
+def _start_spawn(spec: ContainerSpec) -> asyncio.Task[ContainerRef]:
     return workflow.start_activity_method(
         ContainerActivities.spawn,
         spec,

@@ -221,29 +221,32 @@ class SlotSemaphoreWorkflow:
         task.add_done_callback(self._grants_in_flight.discard)
 
     async def _send_soon(self, request: AcquireRequest) -> None:
-        handle = workflow.get_external_workflow_handle(
-            request.holder_workflow_id, run_id=request.holder_run_id
-        )
-        try:
-            await handle.signal(SLOT_SOON_SIGNAL, SlotSoon(request_id=request.request_id))
-        except ApplicationError as error:
-            if error.type != "ExternalWorkflowExecutionNotFound":
-                raise
+        await self._signal_waiter(request, SLOT_SOON_SIGNAL, SlotSoon(request_id=request.request_id))
 
     async def _send_grant(self, request: AcquireRequest) -> None:
         # A signal command, not a local activity: a command takes effect only once the server
         # accepts the workflow task, so a task it refuses (a signal arrived meanwhile) cannot
         # have granted a slot that its replay then hands to someone else.
+        if not await self._signal_waiter(
+            request, SLOT_GRANTED_SIGNAL, SlotGrant(request_id=request.request_id)
+        ):
+            # The waiter closed while queued: nothing can be running under this slot.
+            self._forget(request.request_id)
+
+    async def _signal_waiter(
+        self, request: AcquireRequest, signal: str, payload: SlotGrant | SlotSoon
+    ) -> bool:
+        """False when the waiter's workflow run is closed."""
         handle = workflow.get_external_workflow_handle(
             request.holder_workflow_id, run_id=request.holder_run_id
         )
         try:
-            await handle.signal(SLOT_GRANTED_SIGNAL, SlotGrant(request_id=request.request_id))
+            await handle.signal(signal, payload)
         except ApplicationError as error:
             if error.type != "ExternalWorkflowExecutionNotFound":
                 raise
-            # The waiter closed while queued: nothing can be running under this slot.
-            self._forget(request.request_id)
+            return False
+        return True
 
     def _start_reap(self) -> None:
         holders = list(self._holders.values())

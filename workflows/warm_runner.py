@@ -26,7 +26,6 @@ with workflow.unsafe.imports_passed_through():
     from mayfly.models import (
         ContainerExit,
         ContainerRef,
-        ContainerSpec,
         JobEvent,
         MintedRunner,
         MintRequest,
@@ -205,20 +204,8 @@ class WarmRunnerWorkflow:
             # The backend counts the lifetime from its create; counting it from before the spawn
             # keeps the recycle ahead of the watcher's kill however long the create takes.
             spawned_at = workflow.now()
-            container = await steps.finish_despite_cancel(
-                steps.start_spawn(
-                    ContainerSpec(
-                        pool=config.pool,
-                        name=self._name,
-                        job_id=0,
-                        owner_workflow_id=workflow.info().workflow_id,
-                        runner_name=self._name,
-                        jit_config=minted.jit_config,
-                        max_lifetime_s=config.max_lifetime_s,
-                    )
-                ),
-                stop_it=True,
-            )
+            # A warm runner has no job of its own yet: job id 0.
+            container = await steps.spawn(config.pool, minted, self._name, 0, config.max_lifetime_s)
             exit_task = steps.watch(container, config.max_lifetime_s)
             self._details("registering")
             if not await self._confirm_registration(minted, exit_task):
