@@ -16,7 +16,7 @@ from temporalio import activity, workflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.slots import SlotActivities
-    from mayfly.models import ReleaseRequest, SlotGrant, SlotRelease
+    from mayfly.models import ReleaseRequest, SlotGrant, SlotRelease, SlotSoon
     from workflows.slot_lease import SlotLease
 
 
@@ -148,6 +148,10 @@ class GrantSinkWorkflow:
     @workflow.signal(name="slot_granted")
     def slot_granted(self, grant: SlotGrant) -> None:
         self._granted.append(grant.request_id)
+
+    @workflow.signal(name="slot_soon")
+    def slot_soon(self, soon: SlotSoon) -> None:
+        """Nothing to prepare: a sink gives slots straight back."""
 
     @workflow.query
     def released_count(self) -> int:
