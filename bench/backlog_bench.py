@@ -174,7 +174,10 @@ async def main() -> None:
         f"workflow task failures: {dict(failures) or 'none'} "
         f"(server-forced, nothing lost: {sorted(BENIGN_TASK_FAILURES)})"
     )
-    print(f"ledger: max {ledger.max_seen} held at once (cap {args.cap}), duplicates {ledger.duplicates}")
+    print(
+        f"ledger: max {ledger.max_seen} held at once (cap {args.cap}), duplicates {ledger.duplicates}, "
+        f"enters repeated by a retried holder task {ledger.repeated_enters}"
+    )
     print(
         f"worker+client RSS peak {peak_rss[0]:.0f} MB (target <= {RSS_TARGET_MB}; "
         f"measured/target {peak_rss[0] / RSS_TARGET_MB:.2f})"

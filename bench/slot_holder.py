@@ -33,15 +33,21 @@ class Ledger:
     exited: set[str] = field(default_factory=set)
     max_seen: int = 0
     entries: int = 0
-    # A second entry for the same request: a slot granted twice.
+    # An entry after the request's exit: a slot granted twice.
     duplicates: int = 0
+    # An entry while the request is still held: the local activity ran again because the
+    # holder's workflow task failed or timed out after it (at-least-once), not a second grant.
+    repeated_enters: int = 0
     entered_at: dict[str, float] = field(default_factory=dict)
     exited_at: dict[str, float] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @activity.defn(name="test.ledger_enter")
     async def enter(self, request_id: str) -> None:
-        if request_id in self.exited or request_id in self.current:
+        if request_id in self.current:
+            self.repeated_enters += 1
+            return
+        if request_id in self.exited:
             self.duplicates += 1
             return
         self.current.add(request_id)

@@ -161,6 +161,9 @@ class CarriedSemaphore(BaseModel):
     granted_total: int = 0
     reclaimed_total: int = 0
     recovering_until: datetime | None = None
+    # Waiters already told their slot is near (at most SOON_AHEAD_MAX): telling them again
+    # after each continue-as-new would reach holders that are finishing, costing them a task.
+    told_soon: list[str] = Field(default_factory=list)
 
 
 class SemaphoreInput(BaseModel):

@@ -46,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.shield import uncancellable
 
 SLOT_CALL_TIMEOUT = timedelta(seconds=10)
+SLOT_REQUEST_GIVE_UP = timedelta(minutes=30)
 
 
 class _GrantRouter:
@@ -143,6 +144,9 @@ class SlotLease:
             SlotActivities.request,
             self._request,
             start_to_close_timeout=SLOT_CALL_TIMEOUT,
+            # Bounded: a job must not wait past its deadline in retries against an unreachable
+            # semaphore. The workflow fails instead, and the reconciler restarts the job.
+            schedule_to_close_timeout=SLOT_REQUEST_GIVE_UP,
             summary=f"ask for a slot in pool {self.pool}",
         )
         until = workflow.now() + wait_at_most if wait_at_most is not None else None

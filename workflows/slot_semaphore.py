@@ -76,9 +76,8 @@ class SlotSemaphoreWorkflow:
         # Grants are sent concurrently: awaiting each signal in turn would cost one workflow
         # task round trip per grant and serialise every handoff behind the previous one.
         self._grants_in_flight: set[asyncio.Task[None]] = set()
-        # Waiters already told their slot is near. Not carried: after a continue-as-new the
-        # head is told again, which a holder takes as a no-op.
-        self._told_soon: set[str] = set()
+        # Waiters already told their slot is near.
+        self._told_soon: set[str] = set(carried.told_soon)
         self._reap: asyncio.Task[list[str]] | None = None
         self._reap_due = False
         self._reap_clock_running = False
@@ -328,6 +327,7 @@ class SlotSemaphoreWorkflow:
                     granted_total=self._granted_total,
                     reclaimed_total=self._reclaimed_total,
                     recovering_until=self._recovering_until if self._recovering() else None,
+                    told_soon=sorted(self._told_soon),
                 ),
             )
         )
