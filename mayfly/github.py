@@ -38,10 +38,8 @@ class Runner(BaseModel):
 
 class JitConfig(BaseModel):
     runner: Runner
-    encoded_jit_config: str
-
-    def __repr__(self) -> str:
-        return f"JitConfig(runner={self.runner!r}, encoded_jit_config=<redacted>)"
+    # Left out of repr (and so of any log line or traceback that prints the model).
+    encoded_jit_config: str = Field(repr=False)
 
 
 class WorkflowJob(BaseModel):

@@ -270,11 +270,8 @@ class SealedSecret(BaseModel):
     """A secret encrypted with the workers' key: safe to sit in history, useless without the key."""
 
     key_id: str
-    nonce: str
-    ciphertext: str
-
-    def __repr__(self) -> str:
-        return f"SealedSecret(key_id={self.key_id!r})"
+    nonce: str = Field(repr=False)
+    ciphertext: str = Field(repr=False)
 
 
 class MintRequest(BaseModel):

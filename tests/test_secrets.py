@@ -24,7 +24,8 @@ from mayfly.app.embedded import EmbeddedStack
 from mayfly.app.wiring import sealer_for
 from mayfly.backends import BackendError, ContainerBackend, ContainerRecord
 from mayfly.config import ConfigError, GitHubSettings, MayflySettings, PoolSettings
-from mayfly.models import job_workflow_id, semaphore_workflow_id
+from mayfly.github import JitConfig, Runner
+from mayfly.models import SealedSecret, job_workflow_id, semaphore_workflow_id
 from mayfly.sealing import Sealer, SealingError
 from tests.backends import DelegatingBackend
 
@@ -244,3 +245,13 @@ def test_worker_sealer_uses_secret_key_and_previous_secret_keys() -> None:
             pools=[PoolSettings(name="cpu", labels=["x"], max_runners=1)],
             previous_secret_keys=["o" * 32],
         )
+
+
+def test_models_holding_a_secret_leave_it_out_of_repr_and_str() -> None:
+    # A model printed in a log line, an f-string or a traceback must not carry the secret.
+    runner = Runner(id=1, name="r", status="offline", busy=False)
+    jit = JitConfig(runner=runner, encoded_jit_config="JIT-SECRET")
+    sealed = SealedSecret(key_id="k1", nonce="NONCE-SECRET", ciphertext="CIPHER-SECRET")
+    for model, secrets in ((jit, ["JIT-SECRET"]), (sealed, ["NONCE-SECRET", "CIPHER-SECRET"])):
+        for text in (repr(model), str(model), f"{model}"):
+            assert not any(secret in text for secret in secrets), text
