@@ -176,7 +176,7 @@ async def main() -> None:
     )
     print(
         f"ledger: max {ledger.max_seen} held at once (cap {args.cap}), duplicates {ledger.duplicates}, "
-        f"enters repeated by a retried holder task {ledger.repeated_enters}"
+        f"enters repeated by a retried activity {ledger.repeated_enters}"
     )
     print(
         f"worker+client RSS peak {peak_rss[0]:.0f} MB (target <= {RSS_TARGET_MB}; "

@@ -35,8 +35,8 @@ class Ledger:
     entries: int = 0
     # An entry after the request's exit: a slot granted twice.
     duplicates: int = 0
-    # An entry while the request is still held: the local activity ran again because the
-    # holder's workflow task failed or timed out after it (at-least-once), not a second grant.
+    # An entry while the request is still held: the enter ran twice (an activity retried
+    # after its result was lost), not a second grant.
     repeated_enters: int = 0
     entered_at: dict[str, float] = field(default_factory=dict)
     exited_at: dict[str, float] = field(default_factory=dict)
@@ -93,14 +93,17 @@ class SlotHolderWorkflow:
                 await self._hold(lease.request_id, params.hold_s)
 
     async def _hold(self, request_id: str, hold_s: float) -> None:
-        await workflow.execute_local_activity_method(
+        # Activities, not local ones: a local activity runs again when the workflow task that
+        # ran it fails (a signal arrived as it completed), and the ledger would count that
+        # second entry as a slot granted twice.
+        await workflow.execute_activity_method(
             Ledger.enter, request_id, start_to_close_timeout=timedelta(seconds=5)
         )
         try:
             if hold_s > 0:
                 await workflow.sleep(hold_s)
         finally:
-            await workflow.execute_local_activity_method(
+            await workflow.execute_activity_method(
                 Ledger.exit, request_id, start_to_close_timeout=timedelta(seconds=5)
             )
 
