@@ -33,7 +33,9 @@ async def test_usage_totals_match_the_runner_lifetimes_github_saw(stack_factory:
     totals = await usage(stack.client, timedelta(hours=1), "pool")
     pool_totals = totals[pool]
     lifetimes = sim.runner_lifetimes()
-    assert len(lifetimes) == 3
+    # Runners are not bound to jobs: when one takes another job's place, a job may register a
+    # second runner, and the surplus one is reaped at once. Each registration still counts.
+    assert len(lifetimes) >= 3
     seen_by_github = sum(lifetimes.values())
     assert abs(pool_totals.runner_s - seen_by_github) <= 0.05 * seen_by_github, (
         pool_totals.runner_s,
