@@ -13,7 +13,7 @@ idle one, waiting long), it asks GitHub first.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -89,16 +89,18 @@ class _SlotUnit:
     handed_off: bool = False
 
 
-@dataclass
 class _MintAhead:
     """The JIT config of a slot's first runner, minted while the job still waits for the slot
     once the semaphore says it is near: registering then costs the held slot nothing. Claimed
     by that runner, or deregistered when the slot ends without it."""
 
-    name: str
-    task: asyncio.Task[MintedRunner | None] | None = None
-    minting: bool = False
-    claimed: bool = False
+    def __init__(
+        self, name: str, mint: Callable[[_MintAhead], Coroutine[None, None, MintedRunner | None]]
+    ) -> None:
+        self.name = name
+        self.minting = False
+        self.claimed = False
+        self.task = asyncio.create_task(mint(self))
 
 
 def _permanent(error: ActivityError) -> bool:
@@ -466,12 +468,11 @@ class RunnerJobWorkflow:
                 self._lease = None
 
     async def _hold_slot(self, unit: _SlotUnit) -> None:
+        params = self._params
         ahead = _MintAhead(
-            name=runner_name_for(
-                self._params.runner_name_prefix, self._params.job.job_id, self._runners_started + 1
-            )
+            runner_name_for(params.runner_name_prefix, params.job.job_id, self._runners_started + 1),
+            lambda ahead: self._mint_ahead(unit.lease, ahead),
         )
-        ahead.task = asyncio.create_task(self._mint_ahead(unit.lease, ahead))
         try:
             await self._hold_slot_runners(unit, ahead)
         finally:
@@ -485,7 +486,6 @@ class RunnerJobWorkflow:
         return await self._github_call(lambda: self._start_mint(ahead.name))
 
     async def _discard_mint_ahead(self, ahead: _MintAhead) -> None:
-        assert ahead.task is not None
         if ahead.claimed:
             return
         if not ahead.minting:
@@ -508,7 +508,6 @@ class RunnerJobWorkflow:
 
     async def _mint(self, track: _RunnerTrack, ahead: _MintAhead | None) -> MintedRunner:
         if ahead is not None and ahead.minting and not ahead.claimed and ahead.name == track.name:
-            assert ahead.task is not None
             ahead.claimed = True
             minted = await ahead.task
             if minted is not None:

@@ -70,13 +70,11 @@ class _GrantRouter:
         return router
 
     def deliver(self, grant: SlotGrant) -> None:
-        lease = self.leases.get(grant.request_id)
-        if lease is not None:
-            lease._on_grant(grant)
+        if lease := self.leases.get(grant.request_id):
+            lease._on_grant()
 
     def deliver_soon(self, soon: SlotSoon) -> None:
-        lease = self.leases.get(soon.request_id)
-        if lease is not None:
+        if lease := self.leases.get(soon.request_id):
             lease.soon = True
 
 
@@ -167,8 +165,8 @@ class SlotLease:
             self._watch = asyncio.create_task(self._watch_slot(self._terms))
         return self.granted
 
-    def _on_grant(self, grant: SlotGrant) -> None:
-        if grant.request_id == self.request_id and not self.granted:
+    def _on_grant(self) -> None:
+        if not self.granted:
             self.granted = True
             self.granted_at = workflow.now()
 
