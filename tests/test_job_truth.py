@@ -436,3 +436,40 @@ def _scheduled(events: Sequence[HistoryEvent], activity: str) -> bool:
         and e.activity_task_scheduled_event_attributes.activity_type.name == activity
         for e in events
     )
+
+
+_ACTIVITY_CLOSED = {
+    EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "activity_task_completed_event_attributes",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED: "activity_task_failed_event_attributes",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED: "activity_task_canceled_event_attributes",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT: "activity_task_timed_out_event_attributes",
+}
+
+
+def _activities_left_open(events: Sequence[HistoryEvent]) -> list[str]:
+    scheduled = {
+        e.event_id: e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    }
+    for e in events:
+        if e.event_type in _ACTIVITY_CLOSED:
+            scheduled.pop(getattr(e, _ACTIVITY_CLOSED[e.event_type]).scheduled_event_id, None)
+    return sorted(scheduled.values())
+
+
+async def test_a_job_whose_webhook_beats_the_registration_poll_ends_with_no_activity_still_open(
+    stack_factory: StackFactory,
+) -> None:
+    # The webhook says the runner is online long before the first poll (the product's 10 s), so
+    # the poll is cancelled. The cancel reaches the activity only with its next heartbeat,
+    # seconds later, and a short job's workflow has closed by then: the activity's late answer
+    # then makes the worker log "Activity not found on completion", a warning on the happy path.
+    stack = await stack_factory(max_runners=3, registration_poll_s=10.0)
+    jobs = stack.queue_jobs(3, duration_s=0.2)
+    await stack.wait_jobs_finished(jobs, within_s=60)
+    for job_id in jobs:
+        events = (await job_handle(stack, job_id).fetch_history()).events
+        assert _scheduled(events, "github.wait_online")
+        assert _activities_left_open(events) == [], f"job {job_id} closed with activities still open"
+    await until(lambda: nothing_left(stack))

@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
@@ -146,6 +146,8 @@ class RunnerJobWorkflow:
         self._runner: _RunnerTrack | None = None
         self._tracks: dict[str, _RunnerTrack] = {}
         self._handed_off: list[asyncio.Task[None]] = []
+        # Registration polls cancelled when a webhook won; settled before the workflow ends.
+        self._settling: list[asyncio.Task[Any]] = []
         self._events_seen = 0
         self._runner_attribute: str | None = None
         self._instruments: metrics.JobMetrics | None = None
@@ -367,12 +369,18 @@ class RunnerJobWorkflow:
         return self._params.model_copy(update={"carry": carry})
 
     async def _serve(self) -> JobOutcome:
+        evicted = False
         try:
             return await self._serve_job()
+        except GeneratorExit:
+            evicted = True  # not ended: the next replay waits for what is still running
+            raise
         finally:
-            # Runners handed off to other jobs still hold slots: the workflow (and its
-            # continue-as-new, which must not carry a held slot) waits until they are gone.
-            await uncancellable(self._settle_handed_off())
+            if not evicted:
+                # Runners handed off to other jobs still hold slots: the workflow (and its
+                # continue-as-new, which must not carry a held slot) waits until they are gone.
+                await uncancellable(self._settle_handed_off())
+                await uncancellable(steps.settle(self._settling))
 
     async def _settle_handed_off(self) -> None:
         if not self._handed_off:
@@ -650,6 +658,7 @@ class RunnerJobWorkflow:
             RunnerRef(runner_name=track.name, runner_id=minted.runner_id),
             self._params.registration_timeout_s,
             lambda: track.online or exit_task.done() or self._surplus(track),
+            self._settling.append,
         )
         if status is not None:
             track.online = track.online or status.online or status.busy

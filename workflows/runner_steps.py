@@ -112,15 +112,25 @@ def start_online_poll(ref: RunnerRef, registration_timeout_s: float) -> asyncio.
         # first poll (cancellation travels on heartbeat responses).
         heartbeat_timeout=timedelta(seconds=4),
         retry_policy=GITHUB_RETRY,
+        # Settled before the workflow ends (see `poll_until_registered`): a poll that answers
+        # a cancel after its workflow closed makes the worker log a warning nobody can act on.
+        cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         summary=f"poll {ref.runner_name} online",
     )
 
 
 async def poll_until_registered(
-    ref: RunnerRef, registration_timeout_s: float, settled: Callable[[], bool]
+    ref: RunnerRef,
+    registration_timeout_s: float,
+    settled: Callable[[], bool],
+    settle_later: Callable[[asyncio.Task[Any]], None],
 ) -> RunnerStatus | None:
     """Poll GitHub for the runner until it is online, `settled()` (a webhook named it, its
-    container exited, ...) or the registration timeout; GitHub's answer, if the poll got one."""
+    container exited, ...) or the registration timeout; GitHub's answer, if the poll got one.
+
+    A poll still running is cancelled and handed to `settle_later`, for the workflow to await
+    before it ends: the cancel reaches the activity only with its next heartbeat, seconds
+    later, and a surplus runner's slot must not wait for that."""
     poll = start_online_poll(ref, registration_timeout_s)
     try:
         await workflow.wait_condition(
@@ -132,8 +142,20 @@ async def poll_until_registered(
         pass
     finally:
         answered = poll.done() and not poll.cancelled() and poll.exception() is None
-        await cancel_quietly(poll)
+        if not poll.done():
+            poll.cancel()
+            settle_later(poll)
     return poll.result() if answered else None
+
+
+async def settle(tasks: list[asyncio.Task[Any]]) -> None:
+    """Wait for activities cancelled earlier to be settled, their outcomes discarded."""
+    if tasks:
+        await workflow.wait(tasks)
+        for task in tasks:
+            if not task.cancelled():
+                task.exception()
+        tasks.clear()
 
 
 async def deregister_letting_a_job_finish(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, is_cancelled_exception
@@ -65,6 +66,8 @@ class WarmRunnerWorkflow:
         self._registered = False
         self._reason = ""
         self._failed = False
+        # Registration polls cancelled when a webhook won; settled before the workflow ends.
+        self._settling: list[asyncio.Task[Any]] = []
         self._events = 0
         self._phase: WarmRunnerPhase = "starting"
 
@@ -112,6 +115,7 @@ class WarmRunnerWorkflow:
                     self._reason = "drained before it got a slot"
         finally:
             self._phase = "gone"
+            await uncancellable(steps.settle(self._settling))
             await uncancellable(
                 self._report(
                     WarmRunnerReport(
@@ -234,6 +238,7 @@ class WarmRunnerWorkflow:
             RunnerRef(runner_name=self._name, runner_id=minted.runner_id),
             self._params.config.registration_timeout_s,
             lambda: self._online or exit_task.done() or self._drain,
+            self._settling.append,
         )
         if status is not None:
             self._online = self._online or status.online or status.busy
