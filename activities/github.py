@@ -38,13 +38,10 @@ class GitHubActivities:
         github: GitHubClient,
         sealer: Sealer,
         *,
-        first_poll_delay_s: float = 10.0,
         poll_interval_s: float = 10.0,
     ) -> None:
         self._github = github
         self._sealer = sealer
-        # Polling costs API budget; the in_progress webhook normally confirms registration first.
-        self._first_poll_delay_s = first_poll_delay_s
         self._poll_interval_s = poll_interval_s
 
     async def _mint(self, request: MintRequest) -> JitConfig:
@@ -95,16 +92,14 @@ class GitHubActivities:
 
     @activity.defn(name="github.wait_online")
     async def wait_online(self, ref: RunnerRef) -> RunnerStatus:
-        """Poll until the runner is online, busy or gone; the webhook usually beats the first poll,
-        and the workflow then cancels this activity before it has spent a call."""
-        delay = self._first_poll_delay_s
+        """Poll now, then every interval, until the runner is online, busy or gone. Started only
+        once the workflow has waited in vain for the webhook that would have said so."""
         try:
             while True:
-                await _sleep_heartbeating(delay)
                 status = await self._status(ref)
                 if status.online or status.busy or not status.exists:
                     return status
-                delay = self._poll_interval_s
+                await _sleep_heartbeating(self._poll_interval_s)
         except asyncio.CancelledError:
             # The webhook won and the workflow moved on, possibly to its end: expected, and not
             # worth the warning with a traceback the worker logs for an unrequested cancel.

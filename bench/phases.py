@@ -34,6 +34,8 @@ class Timeline:
     samples: dict[str, list[float]] = field(default_factory=dict)
     grants: list[datetime] = field(default_factory=list)
     releases: list[datetime] = field(default_factory=list)
+    started: list[datetime] = field(default_factory=list)
+    closed: list[datetime] = field(default_factory=list)
 
     def add(self, name: str, seconds: float) -> None:
         self.samples.setdefault(name, []).append(seconds)
@@ -49,6 +51,21 @@ class Timeline:
             (grant - release).total_seconds() for release, grant in zip(releases, grants[cap:], strict=False)
         ]
 
+    def ramp_and_tail(self, cap: int) -> list[str]:
+        """The makespan's ends, where slots stand idle: from the first workflow's start until
+        the pool is full, and from the last release until the last workflow has closed."""
+        grants = sorted(self.grants)
+        if not grants or not self.started or not self.closed or not self.releases:
+            return []
+        full = grants[min(cap, len(grants)) - 1]
+        return [
+            f"first start -> pool full ({min(cap, len(grants))} grants): "
+            f"{(full - min(self.started)).total_seconds():.2f}s "
+            f"(first grant after {(grants[0] - min(self.started)).total_seconds():.2f}s)",
+            "last release -> last workflow closed: "
+            f"{(max(self.closed) - max(self.releases)).total_seconds():.2f}s",
+        ]
+
     def report(self, cap: int | None = None) -> str:
         lines = [f"{'phase':<32} {'mean':>7} {'p50':>7} {'p95':>7}  n"]
         if cap is not None:
@@ -62,6 +79,8 @@ class Timeline:
                 f"{name:<32} {statistics.fmean(values):>6.2f}s {statistics.median(values):>6.2f}s "
                 f"{p95:>6.2f}s  {len(values)}"
             )
+        if cap is not None:
+            lines += self.ramp_and_tail(cap)
         return "\n".join(lines)
 
 
@@ -127,6 +146,9 @@ async def job_timeline(client: Client, job_ids: Iterable[int]) -> Timeline:
     for job_id in job_ids:
         history = await client.get_workflow_handle(job_workflow_id(job_id)).fetch_history()
         marks = _markers(history.events)
+        if history.events:
+            timeline.started.append(_time(history.events[0]))
+            timeline.closed.append(_time(history.events[-1]))
         if "granted" in marks and "release" in marks:
             timeline.grants.append(marks["granted"])
             timeline.releases.append(marks["release"])

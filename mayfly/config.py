@@ -94,6 +94,9 @@ class PoolSettings(BaseModel):
     max_runners: int = Field(ge=0, le=10_000)
     backend: BackendSettings = Field(default_factory=LocalBackendSettings)
     registration_timeout_s: float = Field(default=120.0, gt=0)
+    # How long after a spawn the workflow first asks GitHub whether the runner registered, when
+    # no webhook has said so (then this often). The webhook usually wins, and then no poll runs.
+    registration_poll_s: float = Field(default=10.0, gt=0)
     max_registration_attempts: int = Field(default=3, ge=1)
     # A runner that never gets a job, or one that runs too long, is reaped anyway so a
     # stuck container cannot hold a slot forever.

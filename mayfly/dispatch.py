@@ -57,6 +57,7 @@ class JobDispatcher:
             job=job.model_copy(update={"pool": pool.name}),
             pool_labels=pool.labels,
             registration_timeout_s=pool.registration_timeout_s,
+            registration_poll_s=pool.registration_poll_s,
             max_registration_attempts=pool.max_registration_attempts,
             idle_ttl_s=pool.idle_ttl_s,
             max_lifetime_s=pool.max_lifetime_s,

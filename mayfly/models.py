@@ -70,6 +70,7 @@ class RunnerJobInput(BaseModel):
     pool_labels: list[str]
     registration_timeout_s: float
     max_registration_attempts: int
+    registration_poll_s: float = Field(default=10.0, gt=0)
     idle_ttl_s: float
     max_lifetime_s: float
     runner_name_prefix: str = "mayfly"

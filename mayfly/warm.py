@@ -66,6 +66,7 @@ class WarmPoolConfig(BaseModel):
     labels: list[str]
     min_idle: int = Field(ge=0)
     registration_timeout_s: float
+    registration_poll_s: float = Field(default=10.0, gt=0)
     max_lifetime_s: float
     runner_name_prefix: str = "mayfly"
     github_task_queue: str = ""

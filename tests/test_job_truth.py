@@ -458,18 +458,33 @@ def _activities_left_open(events: Sequence[HistoryEvent]) -> list[str]:
     return sorted(scheduled.values())
 
 
-async def test_a_job_whose_webhook_beats_the_registration_poll_ends_with_no_activity_still_open(
+async def test_a_job_whose_webhook_beats_the_first_poll_runs_no_poll_and_ends_with_no_activity_open(
     stack_factory: StackFactory,
 ) -> None:
-    # The webhook says the runner is online long before the first poll (the product's 10 s), so
-    # the poll is cancelled. The cancel reaches the activity only with its next heartbeat,
-    # seconds later, and a short job's workflow has closed by then: the activity's late answer
-    # then makes the worker log "Activity not found on completion", a warning on the happy path.
+    # The webhook says the runner is online long before the first poll is due (the product's
+    # 10 s): no poll runs at all. A poll started at the spawn and cancelled when the webhook
+    # won heard of its cancel only seconds later, after a short job's workflow had closed, and
+    # the worker then warned "Activity not found on completion" on the happy path.
     stack = await stack_factory(max_runners=3, registration_poll_s=10.0)
     jobs = stack.queue_jobs(3, duration_s=0.2)
     await stack.wait_jobs_finished(jobs, within_s=60)
     for job_id in jobs:
         events = (await job_handle(stack, job_id).fetch_history()).events
-        assert _scheduled(events, "github.wait_online")
+        assert not _scheduled(events, "github.wait_online"), f"job {job_id} polled although the webhook won"
+        assert _activities_left_open(events) == [], f"job {job_id} closed with activities still open"
+    await until(lambda: nothing_left(stack))
+
+
+async def test_a_poll_overtaken_by_a_late_webhook_is_settled_before_the_workflow_ends(
+    stack_factory: StackFactory,
+) -> None:
+    # The runner connects after the first poll began: the webhook then cancels a running poll,
+    # and the workflow must not close before that poll has answered its cancel.
+    stack = await stack_factory(max_runners=2, registration_poll_s=0.5, runner_env={START_DELAY_ENV: "2"})
+    jobs = stack.queue_jobs(2, duration_s=0.2)
+    await stack.wait_jobs_finished(jobs, within_s=60)
+    for job_id in jobs:
+        events = (await job_handle(stack, job_id).fetch_history()).events
+        assert _scheduled(events, "github.wait_online"), f"job {job_id} never polled"
         assert _activities_left_open(events) == [], f"job {job_id} closed with activities still open"
     await until(lambda: nothing_left(stack))

@@ -656,7 +656,9 @@ class RunnerJobWorkflow:
         """Online means a webhook named the runner, or GitHub lists it online."""
         status = await steps.poll_until_registered(
             RunnerRef(runner_name=track.name, runner_id=minted.runner_id),
-            self._params.registration_timeout_s,
+            steps.RegistrationTiming(
+                timeout_s=self._params.registration_timeout_s, first_poll_s=self._params.registration_poll_s
+            ),
             lambda: track.online or exit_task.done() or self._surplus(track),
             self._settling.append,
         )

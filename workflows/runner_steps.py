@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -103,13 +104,13 @@ def watch(container: ContainerRef, max_lifetime_s: float) -> asyncio.Task[Contai
     )
 
 
-def start_online_poll(ref: RunnerRef, registration_timeout_s: float) -> asyncio.Task[RunnerStatus]:
+def _start_online_poll(ref: RunnerRef, registration_timeout_s: float) -> asyncio.Task[RunnerStatus]:
     return workflow.start_activity_method(
         GitHubActivities.wait_online,
         ref,
         start_to_close_timeout=timedelta(seconds=registration_timeout_s + 30),
-        # Short, so the cancel sent when the webhook wins reaches the activity before its
-        # first poll (cancellation travels on heartbeat responses).
+        # Short, so the cancel sent when a late webhook wins reaches the activity within seconds
+        # (cancellation travels on heartbeat responses).
         heartbeat_timeout=timedelta(seconds=4),
         retry_policy=GITHUB_RETRY,
         # Settled before the workflow ends (see `poll_until_registered`): a poll that answers
@@ -119,27 +120,48 @@ def start_online_poll(ref: RunnerRef, registration_timeout_s: float) -> asyncio.
     )
 
 
+@dataclass(frozen=True)
+class RegistrationTiming:
+    """How long a runner may take to come online, and how long the workflow waits for the
+    webhook that says so before it asks GitHub."""
+
+    timeout_s: float
+    first_poll_s: float
+
+
+async def _settled_within(settled: Callable[[], bool], within: timedelta, summary: str) -> bool:
+    try:
+        await workflow.wait_condition(settled, timeout=within, timeout_summary=summary)
+    except TimeoutError:
+        return settled()
+    return True
+
+
 async def poll_until_registered(
     ref: RunnerRef,
-    registration_timeout_s: float,
+    timing: RegistrationTiming,
     settled: Callable[[], bool],
     settle_later: Callable[[asyncio.Task[Any]], None],
 ) -> RunnerStatus | None:
-    """Poll GitHub for the runner until it is online, `settled()` (a webhook named it, its
-    container exited, ...) or the registration timeout; GitHub's answer, if the poll got one.
+    """Wait until the runner is online, `settled()` (a webhook named it, its container exited,
+    ...) or the registration timeout; GitHub's answer, if a poll got one.
 
-    A poll still running is cancelled and handed to `settle_later`, for the workflow to await
-    before it ends: the cancel reaches the activity only with its next heartbeat, seconds
-    later, and a surplus runner's slot must not wait for that."""
-    poll = start_online_poll(ref, registration_timeout_s)
+    GitHub is polled only when no webhook has settled it within the first poll delay: on the
+    happy path the webhook wins, and no activity runs. A poll still running when it is settled
+    is cancelled and handed to `settle_later`, for the workflow to await before it ends: the
+    cancel reaches the activity only with its next heartbeat, seconds later, and a surplus
+    runner's slot must not wait for that."""
+    until = workflow.now() + timedelta(seconds=timing.timeout_s)
+    first_poll = timedelta(seconds=min(timing.first_poll_s, timing.timeout_s))
+    if await _settled_within(settled, first_poll, "webhook says online"):
+        return None
+    if until <= workflow.now():
+        return None
+    poll = _start_online_poll(ref, timing.timeout_s)
     try:
-        await workflow.wait_condition(
-            lambda: settled() or poll.done(),
-            timeout=timedelta(seconds=registration_timeout_s),
-            timeout_summary="registration timeout",
+        await _settled_within(
+            lambda: settled() or poll.done(), until - workflow.now(), "registration timeout"
         )
-    except TimeoutError:
-        pass
     finally:
         answered = poll.done() and not poll.cancelled() and poll.exception() is None
         if not poll.done():

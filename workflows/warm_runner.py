@@ -236,7 +236,10 @@ class WarmRunnerWorkflow:
     ) -> bool:
         status = await steps.poll_until_registered(
             RunnerRef(runner_name=self._name, runner_id=minted.runner_id),
-            self._params.config.registration_timeout_s,
+            steps.RegistrationTiming(
+                timeout_s=self._params.config.registration_timeout_s,
+                first_poll_s=self._params.config.registration_poll_s,
+            ),
             lambda: self._online or exit_task.done() or self._drain,
             self._settling.append,
         )

@@ -120,6 +120,7 @@ class EmbeddedStack:
                 env=runner_env or {},
             ),
             registration_timeout_s=registration_timeout_s,
+            registration_poll_s=registration_poll_s,
             max_registration_attempts=max_registration_attempts,
             idle_ttl_s=idle_ttl_s,
             max_lifetime_s=max_lifetime_s,
@@ -206,7 +207,7 @@ class EmbeddedStack:
             github=self._github,
             backends={self._pool.name: self._worker_backend},
             sealer=sealer,
-            registration_poll_s=self._registration_poll_s,
+            registration_poll_interval_s=self._registration_poll_s,
             graceful_shutdown_s=5.0,
         )
         self._worker_tasks = [asyncio.create_task(worker.run()) for worker in self._workers]

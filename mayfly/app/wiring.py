@@ -94,14 +94,12 @@ def build_workers(
     github: GitHubClient,
     backends: Mapping[str, ContainerBackend],
     sealer: Sealer,
-    registration_poll_s: float = 10.0,
+    registration_poll_interval_s: float = 10.0,
     graceful_shutdown_s: float = 30.0,
 ) -> list[Worker]:
     """The main worker (workflows, spawns, slots), the rate-limited GitHub worker, and the
     container watchers: this host's queue for local processes, the shared watch queue for the rest."""
-    github_activities = GitHubActivities(
-        github, sealer, first_poll_delay_s=registration_poll_s, poll_interval_s=registration_poll_s
-    )
+    github_activities = GitHubActivities(github, sealer, poll_interval_s=registration_poll_interval_s)
     task_queue = settings.temporal.task_queue
     host_queue = host_task_queue(task_queue, settings.host_id)
     watch_queue = watch_task_queue(task_queue)
@@ -272,6 +270,7 @@ def warm_pool_config(settings: MayflySettings, pool: PoolSettings) -> WarmPoolCo
         labels=pool.labels,
         min_idle=pool.min_idle,
         registration_timeout_s=pool.registration_timeout_s,
+        registration_poll_s=pool.registration_poll_s,
         max_lifetime_s=pool.max_lifetime_s,
         runner_name_prefix=settings.github.runner_name_prefix,
         github_task_queue=settings.temporal.github_task_queue,
