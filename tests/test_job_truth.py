@@ -4,6 +4,7 @@ phase, refused deregistration, rate-limit resets, stranded and never-served jobs
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -35,24 +36,26 @@ async def containers_running(stack: EmbeddedStack, job_id: int) -> list[str]:
 
 
 async def terminated_before_release(handle: WorkflowHandle[Any, Any]) -> bool:
-    """In the workflow's own history, every slot release comes after the container was confirmed
-    gone: by a terminate, or by the watcher that saw it exit."""
+    """In the workflow's own history, every slot release comes after each container was
+    confirmed gone: by a terminate, or by the watcher that saw it exit. Only a container's first
+    confirmation counts: a watcher cancelled before the terminate may still record its own
+    completion later, after the slot went back, and that says nothing about the order."""
     events = (await handle.fetch_history()).events
-    terminates = {
-        e.event_id
-        for e in events
-        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
-        and e.activity_task_scheduled_event_attributes.activity_type.name
-        in ("containers.terminate", "containers.wait_exit")
-    }
-    done = [
-        e.event_id
-        for e in events
-        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
-        and e.activity_task_completed_event_attributes.scheduled_event_id in terminates
-    ]
+    container_of: dict[int, str] = {}
+    for e in events:
+        if e.event_type != EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            continue
+        scheduled = e.activity_task_scheduled_event_attributes
+        if scheduled.activity_type.name in ("containers.terminate", "containers.wait_exit"):
+            container_of[e.event_id] = json.loads(scheduled.input.payloads[0].data)["name"]
+    first_gone: dict[str, int] = {}
+    for e in events:
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+            name = container_of.get(e.activity_task_completed_event_attributes.scheduled_event_id)
+            if name is not None:
+                first_gone.setdefault(name, e.event_id)
     releases = [e.event_id for e in events if is_slot_release(e)]
-    return bool(done) and bool(releases) and min(releases) > max(done)
+    return bool(first_gone) and bool(releases) and min(releases) > max(first_gone.values())
 
 
 async def test_lost_in_progress_and_completed_webhooks_end_each_workflow_with_one_runner(
