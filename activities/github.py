@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
@@ -33,26 +34,40 @@ async def _sleep_heartbeating(seconds: float) -> None:
 
 
 class GitHubActivities:
+    """GitHub calls for every scope, each with the scope's own client (credential, API URL)."""
+
     def __init__(
         self,
-        github: GitHubClient,
+        clients: Mapping[str, GitHubClient],
         sealer: Sealer,
         *,
         poll_interval_s: float = 10.0,
     ) -> None:
-        self._github = github
+        self._clients = clients
         self._sealer = sealer
         self._poll_interval_s = poll_interval_s
 
+    def _client(self, scope: str) -> GitHubClient:
+        client = self._clients.get(scope)
+        if client is None:
+            # A job started under a scope this worker's config no longer has: no retry helps.
+            raise ApplicationError(
+                f"scope {scope!r} is not configured on this worker", type="UnknownScope", non_retryable=True
+            )
+        return client
+
     async def _mint(self, request: MintRequest) -> JitConfig:
+        github = self._client(request.scope)
         try:
-            return await self._github.generate_jit_config(request.runner_name, request.labels)
+            return await github.generate_jit_config(
+                request.runner_name, request.labels, request.runner_group_id
+            )
         except AlreadyExists:
             pass
         # A 409 on our deterministic name means an earlier try registered it and its response
         # (with the only copy of the JIT config) was lost. A runner that never connected is
         # useless without that config, so delete it and mint again.
-        existing = await self._github.find_runner(request.runner_name)
+        existing = await github.find_runner(request.runner_name)
         if existing is None:
             raise ApplicationError(
                 f"runner {request.runner_name} reported as existing but not listed yet",
@@ -64,9 +79,9 @@ class GitHubActivities:
                 type="RunnerNameInUse",
                 non_retryable=True,
             )
-        await self._github.delete_runner(existing.id)
+        await github.delete_runner(existing.id)
         activity.logger.info("deleted never-connected runner %s after a 409, minting again", existing.name)
-        return await self._github.generate_jit_config(request.runner_name, request.labels)
+        return await github.generate_jit_config(request.runner_name, request.labels, request.runner_group_id)
 
     @activity.defn(name="github.mint_runner")
     async def mint_runner(self, request: MintRequest) -> MintedRunner:
@@ -75,7 +90,7 @@ class GitHubActivities:
         except GitHubError as error:
             raise github_failure(error) from None
         finally:
-            record_rate_limit(activity.metric_meter(), self._github.rate_limit_remaining)
+            record_rate_limit(activity.metric_meter(), self._client(request.scope).rate_limit_remaining)
         return MintedRunner(
             runner_id=jit.runner.id,
             jit_config=self._sealer.seal(jit.encoded_jit_config, context=request.runner_name),
@@ -83,7 +98,7 @@ class GitHubActivities:
 
     async def _status(self, ref: RunnerRef) -> RunnerStatus:
         try:
-            runner = await self._github.find_runner(ref.runner_name)
+            runner = await self._client(ref.scope).find_runner(ref.runner_name)
         except GitHubError as error:
             raise github_failure(error) from None
         if runner is None:
@@ -114,14 +129,15 @@ class GitHubActivities:
 
     @activity.defn(name="github.deregister_runner")
     async def deregister_runner(self, ref: RunnerRef) -> DeregisterOutcome:
+        github = self._client(ref.scope)
         try:
             runner_id = ref.runner_id
             if runner_id is None:
-                runner = await self._github.find_runner(ref.runner_name)
+                runner = await github.find_runner(ref.runner_name)
                 if runner is None:
                     return DeregisterOutcome.ABSENT
                 runner_id = runner.id
-            deleted = await self._github.delete_runner(runner_id)
+            deleted = await github.delete_runner(runner_id)
         except RunnerBusy:
             return DeregisterOutcome.BUSY
         except GitHubError as error:
@@ -132,7 +148,7 @@ class GitHubActivities:
     async def job_status(self, ref: JobRef) -> GitHubJobStatus:
         """Ask GitHub where a job stands, when webhooks leave its workflow unsure."""
         try:
-            job = await self._github.get_job(ref.repository, ref.job_id)
+            job = await self._client(ref.scope).get_job(ref.repository, ref.job_id)
         except GitHubError as error:
             raise github_failure(error) from None
         if job is None:

@@ -35,13 +35,23 @@ class SweepReport(BaseModel):
 
 class SweepActivities:
     def __init__(
-        self, github: GitHubClient, backends: Mapping[str, ContainerBackend], settings: MayflySettings
+        self,
+        clients: Mapping[str, GitHubClient],
+        backends: Mapping[str, ContainerBackend],
+        settings: MayflySettings,
     ) -> None:
-        self._github = github
+        self._clients = clients
         self._backends = backends
         self._settings = settings
-        self._prefix = settings.github.runner_name_prefix
         self._dispatcher = JobDispatcher(settings)
+
+    def _client(self, scope: str) -> GitHubClient:
+        client = self._clients.get(scope)
+        if client is None:
+            raise ApplicationError(
+                f"scope {scope!r} is not configured on this worker", type="UnknownScope", non_retryable=True
+            )
+        return client
 
     @activity.defn(name="sweep.containers")
     async def containers(self, pool: str) -> SweepReport:
@@ -67,12 +77,15 @@ class SweepActivities:
         return report
 
     @activity.defn(name="sweep.registrations")
-    async def registrations(self) -> SweepReport:
+    async def registrations(self, scope: str) -> SweepReport:
+        """One scope's registrations: only runners named with its prefix are ours to remove."""
         report = SweepReport()
+        github = self._client(scope)
+        prefix = self._settings.runner_prefix(scope)
         try:
-            runners = await self._github.list_runners()
+            runners = await github.list_runners()
             for runner in runners:
-                owner = owner_workflow_of(runner.name, self._prefix)
+                owner = owner_workflow_of(runner.name, prefix)
                 if owner is None:
                     continue  # not ours: never touch another system's runners
                 report.checked += 1
@@ -80,7 +93,7 @@ class SweepActivities:
                 if await owner_running(owner):
                     continue
                 try:
-                    await self._github.delete_runner(runner.id)
+                    await github.delete_runner(runner.id)
                 except RunnerBusy:
                     # Still running a job; GitHub frees it when that ends. Try again next sweep.
                     report.busy.append(runner.name)
@@ -92,7 +105,7 @@ class SweepActivities:
         return report
 
     @activity.defn(name="sweep.queued_jobs")
-    async def queued_jobs(self) -> SweepReport:
+    async def queued_jobs(self, scope: str) -> SweepReport:
         """Give every job GitHub still has queued (or waiting) a running workflow.
 
         GitHub does not redeliver a failed delivery by itself, and a workflow can close without
@@ -103,7 +116,7 @@ class SweepActivities:
         report = SweepReport()
         settings = self._settings
         try:
-            open_jobs = await self._github.list_open_jobs(min_age_s=settings.reconcile_min_age_s)
+            open_jobs = await self._client(scope).list_open_jobs(min_age_s=settings.reconcile_min_age_s)
         except GitHubError as error:
             raise github_failure(error) from None
         if not open_jobs:
@@ -118,7 +131,7 @@ class SweepActivities:
         oldest = datetime.now(UTC) - timedelta(seconds=settings.job_deadline_s)
         for job in open_jobs:
             report.checked += 1
-            workflow_id = job_workflow_id(job.id)
+            workflow_id = job_workflow_id(job.id, settings.runner_prefix(scope))
             if workflow_id in running:
                 continue
             activity.heartbeat(job.id)
@@ -146,6 +159,7 @@ class SweepActivities:
                 name=job.name,
                 labels=job.labels,
                 pool="",
+                scope=scope,
             )
             action = "waiting" if job.status == "waiting" else "queued"
             try:

@@ -9,7 +9,15 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -17,7 +25,12 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from mayfly.models import DEFAULT_SCOPE
+
 POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
+# A scope's name is also its runners' name prefix and part of its workflow ids.
+SCOPE_NAME = r"^[a-z][a-z0-9]{0,15}$"
+REPOSITORY = re.compile(r"^[\w.-]+/[\w.-]+$")
 # HMAC and HKDF inputs shorter than the hash's output weaken them; 32 bytes also rules out
 # the empty string an unset environment variable leaves behind.
 MIN_SECRET_BYTES = 32
@@ -104,6 +117,10 @@ class PoolSettings(BaseModel):
     max_lifetime_s: float = Field(default=6 * 3600.0, gt=0)
     # Registered, idle runners kept ready (a warm pool); they hold slots and count against the cap.
     min_idle: int = Field(default=0, ge=0)
+    # The scopes (`[[scopes]]` names) whose jobs this pool serves; empty: every scope.
+    scopes: list[str] = Field(default_factory=list)
+    # The runner group its runners join; None: the scope's (`github.runner_group_id`).
+    runner_group_id: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _min_idle_within_cap(self) -> PoolSettings:
@@ -134,6 +151,12 @@ class PoolSettings(BaseModel):
         return all(label.lower() in mine for label in job_labels)
 
 
+def _owner_name(value: str | None) -> str | None:
+    if value is not None and not REPOSITORY.match(value):
+        raise ValueError("must look like 'owner/name'")
+    return value
+
+
 class GitHubSettings(BaseModel):
     api_url: str = "https://api.github.com"
     repository: str | None = None
@@ -162,9 +185,7 @@ class GitHubSettings(BaseModel):
     @field_validator("repository")
     @classmethod
     def _repo_is_owner_name(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^[\w.-]+/[\w.-]+$", value):
-            raise ValueError("must look like 'owner/name'")
-        return value
+        return _owner_name(value)
 
     @field_validator("webhook_secret")
     @classmethod
@@ -172,21 +193,17 @@ class GitHubSettings(BaseModel):
         return require_strong_secret(value)
 
     @model_validator(mode="after")
-    def _one_scope(self) -> GitHubSettings:
-        if (self.repository is None) == (self.organization is None):
-            raise ValueError("set exactly one of github.repository or github.organization")
-        return self
-
-    @model_validator(mode="after")
     def _one_credential(self) -> GitHubSettings:
-        app_fields = [self.app_id, self.installation_id, self.private_key or self.private_key_path]
-        if self.token is not None and any(field is not None for field in app_fields):
+        app_fields = [self.app_id, self.private_key or self.private_key_path]
+        if self.token is not None and any(field is not None for field in [*app_fields, self.installation_id]):
             raise ValueError("set either github.token or the github.app_* fields, not both")
         if any(field is not None for field in app_fields) and not all(
             field is not None for field in app_fields
         ):
+            raise ValueError("a GitHub App needs github.app_id and github.private_key(_path)")
+        if self.installation_id is not None and self.app_id is None:
             raise ValueError(
-                "a GitHub App needs github.app_id, github.installation_id and github.private_key(_path)"
+                "github.installation_id needs the App: github.app_id and github.private_key(_path)"
             )
         if self.private_key is not None and self.private_key_path is not None:
             raise ValueError("set only one of github.private_key and github.private_key_path")
@@ -211,6 +228,43 @@ class GitHubSettings(BaseModel):
         return f"/orgs/{self.organization}/actions/runners"
 
 
+class ScopeSettings(BaseModel):
+    """One repository or organization a deployment serves, with its own credential: a PAT
+    (`token`), or an installation of the App configured under `[github]`. Unset fields come
+    from `[github]`."""
+
+    name: str = Field(pattern=SCOPE_NAME)
+    repository: str | None = None
+    organization: str | None = Field(default=None, pattern=r"^[\w.-]{1,39}$")
+    # GitHub Enterprise Server: its API, e.g. https://ghe.example.com/api/v3.
+    api_url: str | None = None
+    token: SecretStr | None = None
+    installation_id: int | None = Field(default=None, ge=1)
+    runner_group_id: int | None = Field(default=None, ge=1)
+    # The scope's own throttle: its calls run on their own rate-limited task queue.
+    max_calls_per_second: float | None = Field(default=None, gt=0)
+
+    @field_validator("repository")
+    @classmethod
+    def _repo_is_owner_name(cls, value: str | None) -> str | None:
+        return _owner_name(value)
+
+    @field_validator("api_url")
+    @classmethod
+    def _url_has_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _one_target_one_credential(self) -> ScopeSettings:
+        if (self.repository is None) == (self.organization is None):
+            raise ValueError(f"scope {self.name}: set exactly one of repository or organization")
+        if self.token is not None and self.installation_id is not None:
+            raise ValueError(f"scope {self.name}: set either token or installation_id, not both")
+        return self
+
+
 class TemporalSettings(BaseModel):
     address: str = "localhost:7233"
     # Where `mayfly explain` points for a workflow's page; the dev server's UI by default.
@@ -232,7 +286,12 @@ class TemporalSettings(BaseModel):
 
     @property
     def github_task_queue(self) -> str:
-        return f"{self.task_queue}-github"
+        return self.github_queue(DEFAULT_SCOPE)
+
+    def github_queue(self, scope: str) -> str:
+        """Each scope's GitHub calls have a queue of their own, so each has its own throttle."""
+        base = f"{self.task_queue}-github"
+        return base if scope == DEFAULT_SCOPE else f"{base}-{scope}"
 
     @property
     def uses_tls(self) -> bool:
@@ -287,6 +346,9 @@ class MayflySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAYFLY_", env_nested_delimiter="__", extra="forbid")
 
     github: GitHubSettings
+    # Several repositories or organizations; unset: the one `github.repository` or
+    # `github.organization` names.
+    scopes: list[ScopeSettings] = Field(default_factory=list)
     temporal: TemporalSettings = Field(default_factory=TemporalSettings)
     starter: StarterSettings = Field(default_factory=StarterSettings)
     pools: list[PoolSettings] = Field(min_length=1)
@@ -343,6 +405,44 @@ class MayflySettings(BaseSettings):
             raise ValueError("previous_secret_keys is set but secret_key is not: the newest key seals")
         return self
 
+    _github_scopes: dict[str, GitHubSettings] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _resolve_scopes(self) -> MayflySettings:
+        github = self.github
+        if not self.scopes:
+            if (github.repository is None) == (github.organization is None):
+                raise ValueError(
+                    "set exactly one of github.repository or github.organization, or list [[scopes]]"
+                )
+            if github.uses_app and github.installation_id is None:
+                raise ValueError("a GitHub App needs github.installation_id")
+            self._github_scopes = {DEFAULT_SCOPE: github}
+        else:
+            if github.repository is not None or github.organization is not None:
+                raise ValueError(
+                    "with [[scopes]], each scope names its repository or organization: "
+                    "remove github.repository and github.organization"
+                )
+            names = [scope.name for scope in self.scopes]
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                raise ValueError(f"scope names must be unique, repeated: {', '.join(repeated)}")
+            self._github_scopes = {scope.name: _resolve_scope(github, scope) for scope in self.scopes}
+        for index, pool in enumerate(self.pools):
+            unknown = [name for name in pool.scopes if name not in self._github_scopes]
+            if unknown:
+                raise ValueError(
+                    f"pools.{index}.scopes: no scope named {', '.join(unknown)} "
+                    f"(configured: {', '.join(self._github_scopes)})"
+                )
+            if pool.min_idle > 0 and len(self.pool_scopes(pool)) != 1:
+                raise ValueError(
+                    f"pools.{index}: a warm pool (min_idle > 0) registers its runners in one scope; "
+                    "name exactly one in its scopes"
+                )
+        return self
+
     @field_validator("pools")
     @classmethod
     def _unique_pool_names(cls, pools: list[PoolSettings]) -> list[PoolSettings]:
@@ -367,7 +467,18 @@ class MayflySettings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
         return tuple(sources)
 
-    def pool_for(self, job_labels: list[str]) -> PoolSettings | None:
+    @property
+    def github_scopes(self) -> dict[str, GitHubSettings]:
+        """Each scope's GitHub settings, complete: one repository or organization, one credential."""
+        return self._github_scopes
+
+    def pool_scopes(self, pool: PoolSettings) -> list[str]:
+        return pool.scopes or list(self._github_scopes)
+
+    def runner_prefix(self, scope: str) -> str:
+        return self._github_scopes[scope].runner_name_prefix
+
+    def pool_for(self, job_labels: list[str], scope: str = DEFAULT_SCOPE) -> PoolSettings | None:
         """The most specific pool whose labels cover the job's: the one with the fewest labels
         the job did not ask for; ties go to the pool listed first.
 
@@ -378,9 +489,33 @@ class MayflySettings(BaseSettings):
         serving = [
             (len({label.lower() for label in pool.labels} - wanted), order, pool)
             for order, pool in enumerate(self.pools)
-            if pool.serves(job_labels)
+            if pool.serves(job_labels) and scope in self.pool_scopes(pool)
         ]
         return min(serving, key=lambda entry: entry[:2])[2] if serving else None
+
+
+def _resolve_scope(github: GitHubSettings, scope: ScopeSettings) -> GitHubSettings:
+    """A scope's complete GitHub settings: its own target and credential over `[github]`'s."""
+    if scope.token is None and scope.installation_id is None and github.token is None:
+        raise ValueError(f"scope {scope.name}: set its token or installation_id (or github.token)")
+    if scope.installation_id is not None and not github.uses_app:
+        raise ValueError(
+            f"scope {scope.name}: installation_id needs the App: github.app_id and github.private_key(_path)"
+        )
+    app = scope.installation_id is not None
+    return github.model_copy(
+        update={
+            "repository": scope.repository,
+            "organization": scope.organization,
+            "api_url": scope.api_url or github.api_url,
+            "token": None if app else (scope.token or github.token),
+            "app_id": github.app_id if app else None,
+            "installation_id": scope.installation_id,
+            "runner_group_id": scope.runner_group_id or github.runner_group_id,
+            "runner_name_prefix": scope.name,
+            "max_calls_per_second": scope.max_calls_per_second or github.max_calls_per_second,
+        }
+    )
 
 
 class ConfigError(Exception):

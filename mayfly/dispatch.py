@@ -55,14 +55,15 @@ class JobDispatcher:
     def workflow_input(self, job: JobInfo, pool: PoolSettings) -> RunnerJobInput:
         return RunnerJobInput(
             job=job.model_copy(update={"pool": pool.name}),
+            runner_group_id=pool.runner_group_id,
             pool_labels=pool.labels,
             registration_timeout_s=pool.registration_timeout_s,
             registration_poll_s=pool.registration_poll_s,
             max_registration_attempts=pool.max_registration_attempts,
             idle_ttl_s=pool.idle_ttl_s,
             max_lifetime_s=pool.max_lifetime_s,
-            runner_name_prefix=self._settings.github.runner_name_prefix,
-            github_task_queue=self._settings.temporal.github_task_queue,
+            runner_name_prefix=self._settings.runner_prefix(job.scope),
+            github_task_queue=self._settings.temporal.github_queue(job.scope),
             job_deadline_s=self._settings.job_deadline_s,
             status_check_interval_s=self._settings.job_status_check_interval_s,
         )
@@ -75,12 +76,15 @@ class JobDispatcher:
         A job's workflow runs once: a redelivered event for a finished job starts nothing.
         Only the reconciler, which has asked GitHub that the job still needs a runner, passes
         `restart_closed` to start a new run after a closed one."""
-        pool = self._settings.pool_for(job.labels)
+        if job.scope not in self._settings.github_scopes:
+            return None
+        pool = self._settings.pool_for(job.labels, job.scope)
         if pool is None:
             return None
         await self._signal_with_start(client, job, pool, event, restart_closed=restart_closed)
-        owner = owner_workflow_of(event.runner_name or "", self._settings.github.runner_name_prefix)
-        if owner is not None and owner != job_workflow_id(job.job_id):
+        prefix = self._settings.runner_prefix(job.scope)
+        owner = owner_workflow_of(event.runner_name or "", prefix)
+        if owner is not None and owner != job_workflow_id(job.job_id, prefix):
             # The runner that took this job was started by another job's workflow or is a warm
             # runner; tell its workflow too.
             await self._signal_existing(client, owner, event)
@@ -95,7 +99,7 @@ class JobDispatcher:
                 # By name: the core knows the workflow's contract (its name and input), not its code.
                 RUNNER_JOB_WORKFLOW,
                 self.workflow_input(job, pool),
-                id=job_workflow_id(job.job_id),
+                id=job_workflow_id(job.job_id, self._settings.runner_prefix(job.scope)),
                 task_queue=self._settings.temporal.task_queue,
                 start_signal="job_event",
                 start_signal_args=[event],
@@ -108,12 +112,13 @@ class JobDispatcher:
                 static_details=(
                     f"**Repository:** {job.repository}  \n**Job:** {job.name} (id {job.job_id}, "
                     f"run {job.run_id} attempt {job.run_attempt})  \n**Labels:** {labels}  \n"
-                    f"**Pool:** {pool.name}"
+                    f"**Pool:** {pool.name}  \n**Scope:** {job.scope}"
                 ),
                 search_attributes=TypedSearchAttributes(
                     [
                         SearchAttributePair(search_attributes.POOL, pool.name),
                         SearchAttributePair(search_attributes.REPOSITORY, job.repository),
+                        SearchAttributePair(search_attributes.SCOPE, job.scope),
                         SearchAttributePair(search_attributes.JOB_ID, job.job_id),
                         SearchAttributePair(search_attributes.STATE, "queued"),
                     ]

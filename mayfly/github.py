@@ -148,11 +148,17 @@ class GitHubClient:
             retry_after = 60.0  # GitHub's advice when a secondary limit gives no Retry-After
         raise GitHubError(response.status_code, message, retry_after_s=retry_after)
 
-    async def generate_jit_config(self, name: str, labels: list[str]) -> JitConfig:
+    async def generate_jit_config(
+        self, name: str, labels: list[str], runner_group_id: int | None = None
+    ) -> JitConfig:
         response = await self._request(
             "POST",
             f"{self._settings.runners_path}/generate-jitconfig",
-            json={"name": name, "runner_group_id": self._settings.runner_group_id, "labels": labels},
+            json={
+                "name": name,
+                "runner_group_id": runner_group_id or self._settings.runner_group_id,
+                "labels": labels,
+            },
         )
         return JitConfig.model_validate(response.json())
 

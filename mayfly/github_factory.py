@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
-from mayfly.config import ConfigError, GitHubSettings
+from mayfly.config import ConfigError, GitHubSettings, MayflySettings
 from mayfly.github import GitHubClient
 from mayfly.github_app import InstallationTokenProvider
 
@@ -38,3 +38,13 @@ async def github_client(settings: GitHubSettings) -> AsyncIterator[GitHubClient]
     finally:
         await client.aclose()
         await provider.aclose()
+
+
+@asynccontextmanager
+async def scope_clients(settings: MayflySettings) -> AsyncIterator[dict[str, GitHubClient]]:
+    """One client per scope, each with the scope's own credential and API URL."""
+    async with AsyncExitStack() as stack:
+        yield {
+            scope: await stack.enter_async_context(github_client(github))
+            for scope, github in settings.github_scopes.items()
+        }

@@ -18,8 +18,15 @@ JobAction = Literal["queued", "waiting", "in_progress", "completed"]
 JobStatus = Literal["unknown", "waiting", "queued", "in_progress", "completed"]
 
 
+# The scope of a deployment configured the single-scope way (`github.repository` or
+# `github.organization`); named scopes come from `[[scopes]]`.
+DEFAULT_SCOPE = "default"
+
+
 class JobInfo(BaseModel):
     job_id: int
+    # The repository or organization (with its credential) the job came from.
+    scope: str = DEFAULT_SCOPE
     run_id: int = 0
     run_attempt: int = 1
     repository: str = ""
@@ -74,6 +81,8 @@ class RunnerJobInput(BaseModel):
     idle_ttl_s: float
     max_lifetime_s: float
     runner_name_prefix: str = "mayfly"
+    # The pool's runner group; None: the scope's.
+    runner_group_id: int | None = None
     # Empty means the workflow's own task queue (no separate throttle).
     github_task_queue: str = ""
     # GitHub cancels a job that stayed queued for 24 h; past this the workflow gives up too.
@@ -279,6 +288,9 @@ class MintRequest(BaseModel):
     pool: str
     runner_name: str
     labels: list[str]
+    scope: str = DEFAULT_SCOPE
+    # None: the scope's runner group.
+    runner_group_id: int | None = None
 
 
 class MintedRunner(BaseModel):
@@ -289,11 +301,13 @@ class MintedRunner(BaseModel):
 class RunnerRef(BaseModel):
     runner_name: str
     runner_id: int | None = None
+    scope: str = DEFAULT_SCOPE
 
 
 class JobRef(BaseModel):
     repository: str
     job_id: int
+    scope: str = DEFAULT_SCOPE
 
 
 class GitHubJobStatus(BaseModel):
@@ -364,8 +378,10 @@ def owner_job_of(runner_name: str, prefix: str) -> int | None:
 RUNNER_JOB_WORKFLOW = "RunnerJob"
 
 
-def job_workflow_id(job_id: int) -> str:
-    return f"mayfly-job-{job_id}"
+def job_workflow_id(job_id: int, prefix: str = "mayfly") -> str:
+    """Scopes differ in their runner-name prefix, so ids stay unique across them (job ids of
+    two GitHub Enterprise servers may meet)."""
+    return f"{prefix}-job-{job_id}"
 
 
 def semaphore_workflow_id(pool: str) -> str:

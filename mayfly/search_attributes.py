@@ -10,6 +10,7 @@ from temporalio.common import SearchAttributeKey
 
 POOL = SearchAttributeKey.for_keyword("MayflyPool")
 REPOSITORY = SearchAttributeKey.for_keyword("MayflyRepository")
+SCOPE = SearchAttributeKey.for_keyword("MayflyScope")
 JOB_ID = SearchAttributeKey.for_int("MayflyJobId")
 RUNNER = SearchAttributeKey.for_keyword("MayflyRunner")
 STATE = SearchAttributeKey.for_keyword("MayflyState")
@@ -20,6 +21,7 @@ RUNNER_SECONDS = SearchAttributeKey.for_float("MayflyRunnerSeconds")
 ALL: list[SearchAttributeKey[str] | SearchAttributeKey[int] | SearchAttributeKey[float]] = [
     POOL,
     REPOSITORY,
+    SCOPE,
     JOB_ID,
     RUNNER,
     STATE,

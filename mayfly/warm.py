@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from mayfly.models import job_workflow_id, owner_job_of
+from mayfly.models import DEFAULT_SCOPE, job_workflow_id, owner_job_of
 
 WARM_POOL_WORKFLOW = "WarmPool"
 WARM_RUNNER_WORKFLOW = "WarmRunner"
@@ -53,7 +53,7 @@ def owner_workflow_of(runner_name: str, prefix: str) -> str | None:
     that are not ours."""
     job_id = owner_job_of(runner_name, prefix)
     if job_id is not None:
-        return job_workflow_id(job_id)
+        return job_workflow_id(job_id, prefix)
     if is_warm_runner(runner_name, prefix):
         return warm_runner_workflow_id(runner_name)
     return None
@@ -70,6 +70,9 @@ class WarmPoolConfig(BaseModel):
     max_lifetime_s: float
     runner_name_prefix: str = "mayfly"
     github_task_queue: str = ""
+    # A warm pool serves one scope: its runners register there.
+    scope: str = DEFAULT_SCOPE
+    runner_group_id: int | None = None
     # How often an idle warm runner asks GitHub whether it took a job: the webhook that says so
     # may be lost, and a busy runner no longer counts as idle.
     status_check_interval_s: float = Field(default=300.0, gt=0)

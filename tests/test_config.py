@@ -76,9 +76,102 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
         load_settings(tmp_path / "absent.toml")
 
 
-def test_exactly_one_scope() -> None:
+def test_exactly_one_scope(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MAYFLY_CONFIG", raising=False)
+    pools = [{"name": "cpu", "labels": ["x"], "max_runners": 1}]
     with pytest.raises(ValueError, match="exactly one"):
-        MayflySettings(github={"repository": "a/b", "organization": "a"}, pools=[])
+        MayflySettings(github={"repository": "a/b", "organization": "a", "token": "t"}, pools=pools)
+    with pytest.raises(ValueError, match="exactly one"):
+        MayflySettings(github={"token": "t"}, pools=pools)
+
+
+SCOPES = """
+[github]
+app_id = 42
+private_key = "-----BEGIN PRIVATE KEY-----"
+webhook_secret = "0123456789abcdef0123456789abcdef"
+
+[[scopes]]
+name = "acme"
+organization = "acme"
+installation_id = 11
+
+[[scopes]]
+name = "globex"
+organization = "globex"
+installation_id = 12
+runner_group_id = 7
+
+[[scopes]]
+name = "solo"
+repository = "solo/tool"
+token = "ghp_solo"
+api_url = "https://ghe.example.com/api/v3/"
+max_calls_per_second = 2
+
+[[pools]]
+name = "gpu"
+labels = ["self-hosted", "linux", "gpu"]
+max_runners = 4
+scopes = ["acme"]
+runner_group_id = 3
+
+[[pools]]
+name = "cpu"
+labels = ["self-hosted", "linux"]
+max_runners = 10
+"""
+
+
+def test_scopes_each_get_their_own_target_credential_and_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MAYFLY_CONFIG", raising=False)
+    settings = load_settings(write(tmp_path, SCOPES))
+    acme, globex, solo = (settings.github_scopes[name] for name in ("acme", "globex", "solo"))
+    assert acme.uses_app and acme.installation_id == 11 and acme.token is None
+    assert acme.runners_path == "/orgs/acme/actions/runners"
+    assert globex.installation_id == 12 and globex.runner_group_id == 7 and acme.runner_group_id == 1
+    assert not solo.uses_app and solo.token is not None and solo.token.get_secret_value() == "ghp_solo"
+    assert solo.api_url == "https://ghe.example.com/api/v3" and acme.api_url == "https://api.github.com"
+    assert solo.runners_path == "/repos/solo/tool/actions/runners"
+    assert solo.max_calls_per_second == 2 and acme.max_calls_per_second == 10
+    # Names, queues and workflow ids never meet across scopes.
+    assert [settings.runner_prefix(name) for name in settings.github_scopes] == ["acme", "globex", "solo"]
+    queues = {settings.temporal.github_queue(name) for name in settings.github_scopes}
+    assert len(queues) == 3 and settings.temporal.github_task_queue not in queues
+    gpu, cpu = settings.pools
+    # A pool serves only the scopes it names (all of them when it names none).
+    assert settings.pool_for(["gpu"], "acme") is gpu
+    assert settings.pool_for(["gpu"], "globex") is None
+    assert settings.pool_for(["linux"], "solo") is cpu
+    assert settings.pool_scopes(cpu) == ["acme", "globex", "solo"]
+    assert "ghp_solo" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('scopes = ["acme"]', 'scopes = ["initech"]'), "pools.0.scopes: no scope named initech"),
+        (('name = "globex"', 'name = "acme"'), "scope names must be unique, repeated: acme"),
+        (('name = "globex"', 'name = "Globex Inc"'), "scopes.1.name"),
+        (('repository = "solo/tool"', 'repository = "solo/tool"\norganization = "solo"'), "exactly one"),
+        (('token = "ghp_solo"', 'token = "ghp_solo"\ninstallation_id = 3'), "token or installation_id, not"),
+        (("app_id = 42", 'repository = "a/b"\napp_id = 42'), "remove github.repository"),
+        (('name = "cpu"', 'name = "cpu"\nmin_idle = 1'), "a warm pool (min_idle > 0) registers"),
+    ],
+)
+def test_a_bad_scope_is_named(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(write(tmp_path, SCOPES.replace(*change)))
+    assert message in str(raised.value)
+
+
+def test_an_installation_needs_the_app(tmp_path: Path) -> None:
+    text = SCOPES.replace("app_id = 42\n", "").replace('private_key = "-----BEGIN PRIVATE KEY-----"\n', "")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(write(tmp_path, text))
+    assert "scope acme: installation_id needs the App" in str(raised.value)
 
 
 def test_json_logs_are_one_object_per_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,7 @@ from temporalio.client import WorkflowFailureError
 
 from mayfly.app.embedded import EmbeddedStack
 from mayfly.app.explain import explain, list_jobs
-from mayfly.github_factory import github_client
+from mayfly.github_factory import scope_clients
 from mayfly.models import JobPhase, job_workflow_id
 from simulator import FaultConfig
 from tests.jobs import in_phase, job_handle, until
@@ -19,7 +19,7 @@ StackFactory = Callable[..., Awaitable[EmbeddedStack]]
 
 async def explained(stack: EmbeddedStack, job_id: int) -> str:
     assert stack.settings is not None
-    async with github_client(stack.settings.github) as github:
+    async with scope_clients(stack.settings) as github:
         return "\n".join(await explain(stack.client, stack.settings, job_id, github))
 
 

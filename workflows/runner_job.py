@@ -209,7 +209,7 @@ class RunnerJobWorkflow:
             status: GitHubJobStatus = await self._github_call(
                 lambda: workflow.execute_activity_method(
                     GitHubActivities.job_status,
-                    JobRef(repository=job.repository, job_id=job.job_id),
+                    JobRef(repository=job.repository, job_id=job.job_id, scope=job.scope),
                     start_to_close_timeout=timedelta(seconds=30),
                     schedule_to_close_timeout=timedelta(minutes=2),
                     retry_policy=GITHUB_RETRY,
@@ -506,7 +506,11 @@ class RunnerJobWorkflow:
             minted = None  # it may have registered all the same: deregistered by name
         try:
             await self._deregister(
-                RunnerRef(runner_name=ahead.name, runner_id=minted.runner_id if minted else None)
+                RunnerRef(
+                    runner_name=ahead.name,
+                    runner_id=minted.runner_id if minted else None,
+                    scope=self._params.job.scope,
+                )
             )
         except ActivityError as error:
             # Never spawned, so never busy: the sweeper deletes it once this workflow is closed.
@@ -526,7 +530,13 @@ class RunnerJobWorkflow:
         params = self._params
         return self._finish_despite_cancel(
             steps.start_mint(
-                MintRequest(pool=params.job.pool, runner_name=name, labels=params.pool_labels),
+                MintRequest(
+                    pool=params.job.pool,
+                    runner_name=name,
+                    labels=params.pool_labels,
+                    scope=params.job.scope,
+                    runner_group_id=params.runner_group_id,
+                ),
                 params.registration_timeout_s,
                 self._github_queue(),
             ),
@@ -655,7 +665,7 @@ class RunnerJobWorkflow:
     ) -> bool:
         """Online means a webhook named the runner, or GitHub lists it online."""
         status = await steps.poll_until_registered(
-            RunnerRef(runner_name=track.name, runner_id=minted.runner_id),
+            RunnerRef(runner_name=track.name, runner_id=minted.runner_id, scope=self._params.job.scope),
             steps.RegistrationTiming(
                 timeout_s=self._params.registration_timeout_s, first_poll_s=self._params.registration_poll_s
             ),
@@ -760,7 +770,11 @@ class RunnerJobWorkflow:
         # guarantees it takes no job while its container is being stopped. A mint that failed or
         # was cancelled may still have registered the runner, so it is looked up by name then.
         if not (track.finished or ran_and_exited):
-            ref = RunnerRef(runner_name=track.name, runner_id=minted.runner_id if minted else None)
+            ref = RunnerRef(
+                runner_name=track.name,
+                runner_id=minted.runner_id if minted else None,
+                scope=self._params.job.scope,
+            )
 
             async def took_a_job() -> None:
                 if track.assigned_job is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from datetime import timedelta
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
@@ -28,7 +28,8 @@ CONFIGURE_SIGNAL = "configure"
 class SweeperConfig(BaseModel):
     pools: list[str]
     interval_s: float = 60.0
-    github_task_queue: str = ""
+    # Scope name -> the task queue of its GitHub calls: each scope is swept on its own throttle.
+    scopes: dict[str, str] = Field(default_factory=dict)
 
 
 class SweeperInput(BaseModel):
@@ -91,24 +92,26 @@ class SweeperWorkflow:
                 ),
                 failures,
             )
-        github_queue = config.github_task_queue or None
-        # Recover missed jobs first, so a registration minted for one is not mistaken for an orphan.
-        for sweep, summary in (
-            (SweepActivities.queued_jobs, "start workflows for queued jobs that have none running"),
-            (SweepActivities.registrations, "sweep runner registrations"),
-        ):
-            reports += await self._step(
-                summary,
-                workflow.execute_activity_method(
-                    sweep,
-                    summary=summary,
-                    task_queue=github_queue,
-                    start_to_close_timeout=SWEEP_TIMEOUT,
-                    heartbeat_timeout=SWEEP_HEARTBEAT,
-                    retry_policy=SWEEP_RETRY,
-                ),
-                failures,
-            )
+        for scope, github_queue in config.scopes.items():
+            # Recover missed jobs first, so a registration minted for one is not mistaken for an orphan.
+            for sweep, what in (
+                (SweepActivities.queued_jobs, "start workflows for queued jobs that have none running"),
+                (SweepActivities.registrations, "sweep runner registrations"),
+            ):
+                summary = f"{what} ({scope})"
+                reports += await self._step(
+                    summary,
+                    workflow.execute_activity_method(
+                        sweep,
+                        scope,
+                        summary=summary,
+                        task_queue=github_queue,
+                        start_to_close_timeout=SWEEP_TIMEOUT,
+                        heartbeat_timeout=SWEEP_HEARTBEAT,
+                        retry_policy=SWEEP_RETRY,
+                    ),
+                    failures,
+                )
         return reports, failures
 
     @workflow.run

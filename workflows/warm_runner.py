@@ -183,7 +183,13 @@ class WarmRunnerWorkflow:
 
     def _mint_request(self) -> MintRequest:
         config = self._params.config
-        return MintRequest(pool=config.pool, runner_name=self._name, labels=config.labels)
+        return MintRequest(
+            pool=config.pool,
+            runner_name=self._name,
+            labels=config.labels,
+            scope=config.scope,
+            runner_group_id=config.runner_group_id,
+        )
 
     def _queue(self) -> str | None:
         return self._params.config.github_task_queue or None
@@ -235,7 +241,7 @@ class WarmRunnerWorkflow:
         self, minted: MintedRunner, exit_task: asyncio.Task[ContainerExit]
     ) -> bool:
         status = await steps.poll_until_registered(
-            RunnerRef(runner_name=self._name, runner_id=minted.runner_id),
+            RunnerRef(runner_name=self._name, runner_id=minted.runner_id, scope=self._params.config.scope),
             steps.RegistrationTiming(
                 timeout_s=self._params.config.registration_timeout_s,
                 first_poll_s=self._params.config.registration_poll_s,
@@ -281,7 +287,9 @@ class WarmRunnerWorkflow:
                 if now >= next_check:
                     # The webhook saying it took a job may be lost; GitHub knows. The same
                     # beat re-reports to the pool, which adopts it after a restart, or is gone.
-                    status = await steps.runner_status(RunnerRef(runner_name=self._name), self._queue())
+                    status = await steps.runner_status(
+                        RunnerRef(runner_name=self._name, scope=self._params.config.scope), self._queue()
+                    )
                     next_check = workflow.now() + check_every
                     if not status.exists:
                         self._reason = "its registration disappeared"
@@ -334,7 +342,11 @@ class WarmRunnerWorkflow:
             and (self._busy or steps.exit_code(exit_task) == 0)
         )
         if not (self._finished_at is not None or ran_and_exited):
-            ref = RunnerRef(runner_name=self._name, runner_id=minted.runner_id if minted else None)
+            ref = RunnerRef(
+                runner_name=self._name,
+                runner_id=minted.runner_id if minted else None,
+                scope=self._params.config.scope,
+            )
 
             async def took_a_job() -> None:
                 # Let the pool replace it while its job runs.

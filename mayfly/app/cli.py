@@ -143,13 +143,13 @@ def _semaphore_unavailable(error: Exception) -> str:
     return f"semaphore query failed ({type(error).__name__}: {error})"
 
 
-async def _explain(settings: MayflySettings, job_id: int) -> int:
+async def _explain(settings: MayflySettings, job_id: int, scope: str | None) -> int:
     from mayfly.app.explain import explain
-    from mayfly.github_factory import github_client
+    from mayfly.github_factory import scope_clients
 
     client = await connect(settings.temporal)
-    async with github_client(settings.github) as github:
-        for line in await explain(client, settings, job_id, github):
+    async with scope_clients(settings) as github:
+        for line in await explain(client, settings, job_id, github, scope):
             print(line)
     return 0
 
@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--exit-when-done", action="store_true", help="stop once the demo jobs finish")
     explain = sub.add_parser("explain", help="what a job's workflow, its pool and GitHub say about it")
     explain.add_argument("job_id", type=int)
+    explain.add_argument("--scope", help="the job's scope (default: the first that has a workflow for it)")
     jobs = sub.add_parser("jobs", help="list job workflows by pool and phase")
     jobs.add_argument("--pool")
     jobs.add_argument("--state", help="a phase, e.g. waiting-for-slot, running, failed")
@@ -276,7 +277,7 @@ def _run_client_command(args: argparse.Namespace, settings: MayflySettings) -> i
     command = args.command
     try:
         if command == "explain":
-            return asyncio.run(_explain(settings, args.job_id))
+            return asyncio.run(_explain(settings, args.job_id, args.scope))
         if command == "usage":
             return asyncio.run(_usage(settings, args.since, args.by))
         if command == "jobs":

@@ -33,7 +33,7 @@ from mayfly.config import (
     TemporalSettings,
 )
 from mayfly.github import GitHubClient
-from mayfly.github_factory import github_client
+from mayfly.github_factory import scope_clients
 from mayfly.models import SemaphoreStatus, job_workflow_id, semaphore_workflow_id
 from mayfly.sealing import Sealer
 from mayfly.serving import RunningServer, serve
@@ -141,8 +141,8 @@ class EmbeddedStack:
         self.backend: ContainerBackend = backend or LocalProcessBackend(self._pool.backend)  # type: ignore[arg-type]
         # The worker may see the backend through a fault-injecting wrapper; checks use the real one.
         self._worker_backend: ContainerBackend = wrap_backend(self.backend) if wrap_backend else self.backend
-        self._github: GitHubClient | None = None
-        self._github_context: AbstractAsyncContextManager[GitHubClient] | None = None
+        self._github: dict[str, GitHubClient] | None = None
+        self._github_context: AbstractAsyncContextManager[dict[str, GitHubClient]] | None = None
         self._starter: RunningServer | None = None
         self._workers: list[Worker] = []
         self._worker_tasks: list[asyncio.Task[None]] = []
@@ -192,7 +192,7 @@ class EmbeddedStack:
             create_starter_app(self.settings, client_provider), port=self._starter_port
         )
         self.simulator.webhook_url = self.starter_url
-        self._github_context = github_client(self.settings.github)
+        self._github_context = scope_clients(self.settings)
         self._github = await self._github_context.__aenter__()
         if self._run_worker:
             await self.start_workers()

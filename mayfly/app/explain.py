@@ -7,10 +7,17 @@ runs, job lists) and, for the truth, GitHub itself.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
 from urllib.parse import quote
 
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.client import (
+    Client,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
 from temporalio.common import QueryRejectCondition
 
 from mayfly import search_attributes
@@ -34,21 +41,38 @@ def ui_link(settings: MayflySettings, workflow_id: str, run_id: str) -> str:
     return f"{base}/namespaces/{namespace}/workflows/{quote(workflow_id, safe='')}/{run_id}/history"
 
 
+async def _find(
+    client: Client, settings: MayflySettings, job_id: int, scope: str | None
+) -> tuple[str, WorkflowHandle[object, object], WorkflowExecutionDescription] | str:
+    """The job's workflow in the given scope, or in the first scope that has one; else why not."""
+    scopes = [scope] if scope else list(settings.github_scopes)
+    errors = []
+    for candidate in scopes:
+        workflow_id = job_workflow_id(job_id, settings.runner_prefix(candidate))
+        handle: WorkflowHandle[object, object] = client.get_workflow_handle(workflow_id)
+        try:
+            return candidate, handle, await handle.describe()
+        except Exception as error:
+            errors.append(f"{workflow_id} ({type(error).__name__})")
+    return f"job {job_id}: no workflow {', '.join(errors)}; was its webhook delivered?"
+
+
 async def explain(
-    client: Client, settings: MayflySettings, job_id: int, github: GitHubClient | None
+    client: Client,
+    settings: MayflySettings,
+    job_id: int,
+    github: Mapping[str, GitHubClient] | None,
+    scope: str | None = None,
 ) -> list[str]:
-    workflow_id = job_workflow_id(job_id)
+    found = await _find(client, settings, job_id, scope)
+    if isinstance(found, str):
+        return [found]
+    scope, handle, description = found
+    workflow_id = handle.id
     runs = [run async for run in client.list_workflows(f"WorkflowId = '{workflow_id}'")]
-    handle = client.get_workflow_handle(workflow_id)
-    try:
-        description = await handle.describe()
-    except Exception as error:
-        return [
-            f"job {job_id}: no workflow {workflow_id} ({type(error).__name__}); was its webhook delivered?"
-        ]
     status = description.status.name if description.status else "UNKNOWN"
     started = f"{description.start_time:%Y-%m-%d %H:%M:%S} UTC"
-    lines = [f"job {job_id}: workflow {workflow_id}, {status}, started {started}"]
+    lines = [f"job {job_id}: workflow {workflow_id} (scope {scope}), {status}, started {started}"]
     if len(runs) > 1:
         lines.append(f"  {len(runs) - 1} earlier run(s) of this workflow id (continued as new or restarted)")
     if description.status == WorkflowExecutionStatus.RUNNING:
@@ -77,8 +101,8 @@ async def explain(
         except WorkflowFailureError as failure:
             lines.append(f"  last error: {_failure_text(failure.cause)}")
     listed = (description.search_attributes or {}).get(search_attributes.REPOSITORY.name)
-    repository = str(listed[0]) if listed else (settings.github.repository or "")
-    lines.append(await _github_line(github, repository, job_id))
+    repository = str(listed[0]) if listed else (settings.github_scopes[scope].repository or "")
+    lines.append(await _github_line(github.get(scope) if github else None, repository, job_id))
     lines.append(f"  UI: {ui_link(settings, workflow_id, description.run_id)}")
     return lines
 

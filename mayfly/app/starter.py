@@ -210,21 +210,23 @@ class WebhookStarter:
             log.exception("dispatch of job %s failed", payload.workflow_job.id, extra=_log_context(payload))
             return _answer(503, "the event could not be handed to Temporal; redeliver it later")
 
-    def _in_scope(self, payload: WorkflowJobWebhook) -> bool:
-        """Whether the delivery comes from the repository or organization (and App installation)
-        this deployment serves: anyone who can sign can also name another repository."""
-        github = self._settings.github
-        repository = payload.repository.full_name.lower()
-        if github.repository and repository != github.repository.lower():
-            return False
-        if github.organization and repository.split("/")[0] != github.organization.lower():
-            return False
-        installation = payload.installation
-        return (
-            github.installation_id is None
-            or installation is None
-            or installation.id == github.installation_id
-        )
+    def _scope_of(self, payload: WorkflowJobWebhook) -> str | None:
+        """The configured scope the delivery comes from, by its repository, organization and App
+        installation; None when it is none of them: anyone who can sign can also name another
+        repository. A repository scope is more specific than its organization's, so it wins."""
+        repository = payload.repository.full_name.casefold()
+        owner = repository.split("/")[0]
+        installation = payload.installation.id if payload.installation else None
+        scopes = self._settings.github_scopes
+        matches = [name for name, gh in scopes.items() if (gh.repository or "").casefold() == repository]
+        matches += [name for name, gh in scopes.items() if (gh.organization or "").casefold() == owner]
+        for name in matches:
+            expected = scopes[name].installation_id
+            # An App's delivery names its installation: one for another installation of the same
+            # App is not this scope's. A repository webhook (a PAT scope) names none.
+            if expected is None or installation is None or installation == expected:
+                return name
+        return None
 
     async def _dispatch(self, payload: WorkflowJobWebhook, delivery: str) -> JSONResponse:
         job = payload.workflow_job
@@ -238,7 +240,8 @@ class WebhookStarter:
                 extra=_log_context(payload),
             )
             return _answer(202, "no pool serves a job without labels")
-        if not self._in_scope(payload):
+        scope = self._scope_of(payload)
+        if scope is None:
             self._count("ignored_unknown_scope")
             log.info(
                 "delivery %s: job %s of %s is outside the configured scope; ignored",
@@ -256,6 +259,7 @@ class WebhookStarter:
             name=job.name,
             labels=job.labels,
             pool="",
+            scope=scope,
         )
         event = JobEvent(
             action=payload.action,

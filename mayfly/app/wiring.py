@@ -38,12 +38,13 @@ from mayfly.config import (
     load_settings_or_report,
 )
 from mayfly.github import GitHubClient
-from mayfly.github_factory import github_client
+from mayfly.github_factory import scope_clients
 from mayfly.hardening import make_non_dumpable
 from mayfly.health import health_app
 from mayfly.logs import RunnerLogContext, configure_logging
 from mayfly.metrics import prometheus_runtime
 from mayfly.models import (
+    DEFAULT_SCOPE,
     SemaphoreInput,
     SemaphoreTerms,
     host_task_queue,
@@ -91,14 +92,15 @@ def build_workers(
     client: Client,
     settings: MayflySettings,
     *,
-    github: GitHubClient,
+    github: Mapping[str, GitHubClient],
     backends: Mapping[str, ContainerBackend],
     sealer: Sealer,
     registration_poll_interval_s: float = 10.0,
     graceful_shutdown_s: float = 30.0,
 ) -> list[Worker]:
-    """The main worker (workflows, spawns, slots), the rate-limited GitHub worker, and the
-    container watchers: this host's queue for local processes, the shared watch queue for the rest."""
+    """The main worker (workflows, spawns, slots), one rate-limited GitHub worker per scope, and
+    the container watchers: this host's queue for local processes, the shared watch queue for the
+    rest. `github` holds each scope's client."""
     github_activities = GitHubActivities(github, sealer, poll_interval_s=registration_poll_interval_s)
     task_queue = settings.temporal.task_queue
     host_queue = host_task_queue(task_queue, settings.host_id)
@@ -142,22 +144,27 @@ def build_workers(
         graceful_shutdown_timeout=shutdown,
         interceptors=log_context,
     )
-    github_worker = Worker(
-        client,
-        task_queue=settings.temporal.github_task_queue,
-        activities=[
-            github_activities.mint_runner,
-            github_activities.deregister_runner,
-            github_activities.job_status,
-            github_activities.runner_status,
-            sweep_activities.registrations,
-            sweep_activities.queued_jobs,
-        ],
-        max_task_queue_activities_per_second=settings.github.max_calls_per_second,
-        graceful_shutdown_timeout=shutdown,
-        interceptors=log_context,
-    )
-    workers = [main, github_worker]
+    # One queue per scope: its rate limit is that scope's throttle, so one busy organization
+    # cannot spend another's API budget.
+    github_workers = [
+        Worker(
+            client,
+            task_queue=settings.temporal.github_queue(scope),
+            activities=[
+                github_activities.mint_runner,
+                github_activities.deregister_runner,
+                github_activities.job_status,
+                github_activities.runner_status,
+                sweep_activities.registrations,
+                sweep_activities.queued_jobs,
+            ],
+            max_task_queue_activities_per_second=scope_github.max_calls_per_second,
+            graceful_shutdown_timeout=shutdown,
+            interceptors=log_context,
+        )
+        for scope, scope_github in settings.github_scopes.items()
+    ]
+    workers = [main, *github_workers]
     watchers = [container_activities.wait_exit, container_activities.terminate]
     # A watcher is a poll and a heartbeat per second, but holds its slot for the runner's life.
     if any(backend.host_bound for backend in backends.values()):
@@ -193,7 +200,7 @@ async def start_sweeper(client: Client, settings: MayflySettings) -> None:
     config = SweeperConfig(
         pools=[pool.name for pool in settings.pools if pool.name not in local_pools],
         interval_s=settings.sweep_interval_s,
-        github_task_queue=settings.temporal.github_task_queue,
+        scopes={scope: settings.temporal.github_queue(scope) for scope in settings.github_scopes},
     )
     await client.start_workflow(
         SweeperWorkflow.run,
@@ -265,6 +272,7 @@ async def sync_capacities(client: Client, settings: MayflySettings) -> None:
 
 def warm_pool_config(settings: MayflySettings, pool: PoolSettings) -> WarmPoolConfig:
     """What a pool's warm pool and its runners need of the worker's config."""
+    (scope,) = settings.pool_scopes(pool)[:1] or [DEFAULT_SCOPE]
     return WarmPoolConfig(
         pool=pool.name,
         labels=pool.labels,
@@ -272,8 +280,10 @@ def warm_pool_config(settings: MayflySettings, pool: PoolSettings) -> WarmPoolCo
         registration_timeout_s=pool.registration_timeout_s,
         registration_poll_s=pool.registration_poll_s,
         max_lifetime_s=pool.max_lifetime_s,
-        runner_name_prefix=settings.github.runner_name_prefix,
-        github_task_queue=settings.temporal.github_task_queue,
+        runner_name_prefix=settings.runner_prefix(scope),
+        github_task_queue=settings.temporal.github_queue(scope),
+        scope=scope,
+        runner_group_id=pool.runner_group_id,
         status_check_interval_s=settings.job_status_check_interval_s,
     )
 
@@ -314,7 +324,7 @@ async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
             f"namespace {settings.temporal.namespace!r} lacks search attributes {', '.join(absent)}; "
             "run `mayfly setup` once"
         )
-    async with github_client(settings.github) as github:
+    async with scope_clients(settings) as github:
         workers = build_workers(
             client,
             settings,
