@@ -16,7 +16,10 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on start)")
     parser.add_argument("--owner", default="acme")
-    parser.add_argument("--repo", default="widgets")
+    parser.add_argument("--repo", default="widgets", help="the default repository")
+    parser.add_argument(
+        "--repos", default=None, help="comma-separated: all the owner's repositories (default: --repo)"
+    )
     parser.add_argument("--token", default="sim-token")
     parser.add_argument("--webhook-url", default=None)
     parser.add_argument("--webhook-secret", default="sim-secret")
@@ -34,6 +37,7 @@ async def _serve(args: argparse.Namespace) -> None:
     sim = GitHubSimulator(
         owner=args.owner,
         repo=args.repo,
+        repos=args.repos.split(",") if args.repos else None,
         token=args.token,
         webhook_url=args.webhook_url,
         webhook_secret=args.webhook_secret,
@@ -42,7 +46,8 @@ async def _serve(args: argparse.Namespace) -> None:
     )
     await sim.start(args.host, args.port)
     try:
-        print(f"GitHub simulator listening on {sim.url} (repo {args.owner}/{args.repo})", flush=True)
+        repos = ", ".join(f"{args.owner}/{name}" for name in sim.repos)
+        print(f"GitHub simulator listening on {sim.url} ({repos})", flush=True)
         await stop.wait()
     finally:
         await sim.stop()

@@ -13,7 +13,7 @@ import string
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
@@ -158,6 +158,8 @@ class QueueJobsRequest(BaseModel):
     # All `count` jobs in one run, as a matrix is.
     matrix: bool = False
     needs_approval: bool = False
+    # None: the default repository.
+    repo: str | None = None
 
 
 class QueueJobsResponse(BaseModel):
@@ -345,6 +347,10 @@ class GitHubSimulator:
     """A fake GitHub (REST + workflow_job webhooks + job scheduler) on a real HTTP port.
 
     All python-level methods must be called from the event loop the simulator runs in.
+
+    The organization `owner` owns the repositories `repos` (default: just `repo`); `repo` must
+    be one of them and is where jobs go when the caller names none. Runners are the
+    organization's: any of them may take a job of any of its repositories.
     """
 
     def __init__(
@@ -352,6 +358,7 @@ class GitHubSimulator:
         *,
         owner: str = "acme",
         repo: str = "widgets",
+        repos: Sequence[str] | None = None,
         token: str = "sim-token",
         webhook_url: str | None = None,
         webhook_secret: str = "sim-secret",
@@ -366,7 +373,6 @@ class GitHubSimulator:
         if (app_id is None) != (app_public_key_pem is None):
             raise ValueError("app_id and app_public_key_pem go together: give both or neither")
         self.owner = owner
-        self.repo = repo
         self.token = token
         self.webhook_secret = webhook_secret
         self.agent_timeout_s = agent_timeout_s
@@ -386,13 +392,19 @@ class GitHubSimulator:
             repo=repo,
             agent_timeout_s=agent_timeout_s,
             first_job_id=first_job_id,
+            repos=repos,
+            installation_id=installation_id if app_id is not None else None,
             on_job_event=self._on_job_event,
             on_change=self._notify,
         )
+        # The repository's own hook when there is one repository; one hook cannot cover several
+        # repositories unless it is the organization's.
+        org_hook = len(self.state.repository_names()) > 1
         self._webhooks = WebhookSender(
             secret=webhook_secret,
             hook_id=400_000 + secrets.randbelow(100_000),
-            target_id=self.state.repository_id,
+            target_type="organization" if org_hook else "repository",
+            target_id=self.state.organization_id if org_hook else self.state.repository_id,
             on_change=self._notify,
         )
         self._webhooks.url = webhook_url
@@ -409,6 +421,16 @@ class GitHubSimulator:
         self.app = self._build_app()
 
     # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def repo(self) -> str:
+        """The default repository: where jobs go when the caller names none."""
+        return self.state.repo
+
+    @property
+    def repos(self) -> list[str]:
+        """All the organization's repositories."""
+        return self.state.repository_names()
 
     @property
     def url(self) -> str:
@@ -480,19 +502,34 @@ class GitHubSimulator:
         name: str = "build",
         run_id: int | None = None,
         needs_approval: bool = False,
+        repo: str | None = None,
     ) -> int:
+        """Queue a job in `repo` (default: the default repository); ValueError for a repository
+        the organization does not have."""
         return self.state.queue_job(
-            labels, duration_s, name=name, run_id=run_id, needs_approval=needs_approval
+            labels, duration_s, name=name, run_id=run_id, needs_approval=needs_approval, repo=repo
         )
 
     def queue_run(
-        self, labels: list[str], count: int, duration_s: float = 1.0, *, needs_approval: bool = False
+        self,
+        labels: list[str],
+        count: int,
+        duration_s: float = 1.0,
+        *,
+        needs_approval: bool = False,
+        repo: str | None = None,
     ) -> list[int]:
-        """A matrix: `count` jobs in one workflow run."""
+        """A matrix: `count` jobs in one workflow run of `repo` (default: the default repository)."""
+        self.state.repository(repo)  # refuse an unknown repository before spending a run id
         run_id = self.state.new_run_id()
         return [
             self.queue_job(
-                labels, duration_s, name=f"build ({index})", run_id=run_id, needs_approval=needs_approval
+                labels,
+                duration_s,
+                name=f"build ({index})",
+                run_id=run_id,
+                needs_approval=needs_approval,
+                repo=repo,
             )
             for index in range(count)
         ]
@@ -550,11 +587,12 @@ class GitHubSimulator:
         """Queue a ``ping`` delivery (GitHub sends one when a hook is created)."""
         now = datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
         hook_id = self._webhooks.hook_id
+        org_hook = self._webhooks.target_type == "organization"
         payload: dict[str, Any] = {
             "zen": "Design for failure.",
             "hook_id": hook_id,
             "hook": {
-                "type": "Repository",
+                "type": "Organization" if org_hook else "Repository",
                 "id": hook_id,
                 "name": "web",
                 "active": True,
@@ -563,9 +601,12 @@ class GitHubSimulator:
                 "created_at": now,
                 "updated_at": now,
             },
-            "repository": self.state.repository_view().model_dump(mode="json"),
+            "organization": self.state.organization_view().model_dump(mode="json"),
             "sender": {"login": "sim-user", "id": 1, "type": "User"},
         }
+        # An organization's hook belongs to no repository, so its ping names none.
+        if not org_hook:
+            payload["repository"] = self.state.repository_view().model_dump(mode="json")
         return self._webhooks.enqueue("ping", payload, action=None, job_id=None)
 
     async def wait_for(
@@ -618,9 +659,13 @@ class GitHubSimulator:
         return f"jobs=[{jobs}] runners=[{runners}] deliveries=[{hooks}]"
 
     def _on_job_event(self, event: WorkflowJobEvent) -> None:
+        payload = event.model_dump(mode="json")
+        if event.installation is None:
+            # GitHub leaves the key out rather than sending null.
+            del payload["installation"]
         self._webhooks.enqueue(
             "workflow_job",
-            event.model_dump(mode="json"),
+            payload,
             action=event.action,
             job_id=event.workflow_job.id,
         )
@@ -664,9 +709,8 @@ class GitHubSimulator:
         if "org" in params:
             return str(params["org"]).casefold() == self.owner.casefold()
         if "owner" in params:
-            return (
-                str(params["owner"]).casefold() == self.owner.casefold()
-                and str(params["repo"]).casefold() == self.repo.casefold()
+            return str(params["owner"]).casefold() == self.owner.casefold() and self.state.has_repository(
+                str(params["repo"])
             )
         return True
 
@@ -820,12 +864,15 @@ class GitHubSimulator:
         return _json(RunnerGroupList(total_count=1, runner_groups=[group]))
 
     async def _h_get_job(self, request: Request) -> Response:
-        return _json(self.state.workflow_job(int(request.path_params["job_id"])))
+        return _json(
+            self.state.workflow_job(int(request.path_params["job_id"]), repo=str(request.path_params["repo"]))
+        )
 
-    def _runs(self) -> list[WorkflowRunView]:
-        api_repo = f"{self.state.api_base_url}/repos/{self.owner}/{self.repo}"
+    def _runs(self, repo: str) -> list[WorkflowRunView]:
+        name = self.state.repository(repo).name
+        api_repo = f"{self.state.api_base_url}/repos/{self.owner}/{name}"
         by_run: dict[int, list[WorkflowJobView]] = {}
-        for job in self.state.workflow_jobs():
+        for job in self.state.workflow_jobs(repo):
             by_run.setdefault(job.run_id, []).append(job)
         runs: list[WorkflowRunView] = []
         for run_id, jobs in by_run.items():
@@ -861,7 +908,7 @@ class GitHubSimulator:
                     created_at=first.created_at,
                     updated_at=max((job.completed_at or job.started_at) for job in jobs),
                     url=first.run_url,
-                    html_url=f"https://github.com/{self.owner}/{self.repo}/actions/runs/{run_id}",
+                    html_url=f"https://github.com/{self.owner}/{name}/actions/runs/{run_id}",
                     jobs_url=f"{api_repo}/actions/runs/{run_id}/jobs",
                 )
             )
@@ -869,21 +916,21 @@ class GitHubSimulator:
 
     async def _h_list_runs(self, request: Request) -> Response:
         wanted = request.query_params.get("status")
-        runs = [r for r in self._runs() if wanted is None or wanted in (r.status, r.conclusion)]
+        runs = self._runs(str(request.path_params["repo"]))
+        runs = [r for r in runs if wanted is None or wanted in (r.status, r.conclusion)]
         page, headers = _paginate(request, runs)
         return _json(WorkflowRunList(total_count=len(runs), workflow_runs=page), headers=headers)
 
     async def _h_run_jobs(self, request: Request) -> Response:
         run_id = int(request.path_params["run_id"])
-        jobs = [j for j in self.state.workflow_jobs() if j.run_id == run_id]
+        jobs = [j for j in self.state.workflow_jobs(str(request.path_params["repo"])) if j.run_id == run_id]
         if not jobs:
             raise ApiError(404, "Not Found")
         page, headers = _paginate(request, jobs)
         return _json(WorkflowJobList(total_count=len(jobs), jobs=page), headers=headers)
 
     async def _h_org_repos(self, request: Request) -> Response:
-        # The simulated organization owns exactly one repository.
-        page, headers = _paginate(request, [self.state.repository_view()])
+        page, headers = _paginate(request, self.state.repository_views())
         return JSONResponse([repo.model_dump(mode="json") for repo in page], headers=headers)
 
     async def _h_rate_limit(self, request: Request) -> Response:
@@ -912,12 +959,22 @@ class GitHubSimulator:
 
     async def _a_queue_jobs(self, request: Request) -> Response:
         body = await _parse(request, QueueJobsRequest)
+        try:
+            self.state.repository(body.repo)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from exc
         if body.matrix:
-            ids = self.queue_run(body.labels, body.count, body.duration_s, needs_approval=body.needs_approval)
+            ids = self.queue_run(
+                body.labels, body.count, body.duration_s, needs_approval=body.needs_approval, repo=body.repo
+            )
         else:
             ids = [
                 self.queue_job(
-                    body.labels, body.duration_s, name=body.name, needs_approval=body.needs_approval
+                    body.labels,
+                    body.duration_s,
+                    name=body.name,
+                    needs_approval=body.needs_approval,
+                    repo=body.repo,
                 )
                 for _ in range(body.count)
             ]

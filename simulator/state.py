@@ -14,7 +14,7 @@ import math
 import secrets
 import string
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, TypeGuard
@@ -138,11 +138,25 @@ class RepositoryView(BaseModel):
     html_url: str
 
 
+class OrganizationView(BaseModel):
+    login: str
+    id: int
+    node_id: str
+
+
+class InstallationView(BaseModel):
+    id: int
+    node_id: str
+
+
 class WorkflowJobEvent(BaseModel):
     action: JobStatus
     workflow_job: WorkflowJobView
     repository: RepositoryView
+    organization: OrganizationView
     sender: OwnerView
+    # GitHub sends it only on an App's deliveries; the payload omits the key otherwise.
+    installation: InstallationView | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,10 +180,17 @@ class _Runner:
     created_at: float = field(default_factory=time.time)
 
 
+@dataclass(frozen=True)
+class _Repo:
+    name: str
+    id: int
+
+
 @dataclass
 class _Job:
     id: int
     run_id: int
+    repo: _Repo
     name: str
     workflow_name: str
     labels: list[str]
@@ -209,12 +230,30 @@ class SimState:
         on_job_event: JobEventSink,
         on_change: Callable[[], None],
         first_job_id: int = 1000,
+        repos: Sequence[str] | None = None,
+        installation_id: int | None = None,
     ) -> None:
+        """`repos` names all the organization's repositories (default: just `repo`); `repo`,
+        one of them, is where jobs go unless told otherwise. `installation_id` is set when a
+        GitHub App sends the webhooks."""
+        names = [repo] if repos is None else list(repos)
+        folded = [name.casefold() for name in names]
+        if len(set(folded)) != len(folded):
+            # GitHub repository names are case-insensitive: "Widgets" and "widgets" are one.
+            raise ValueError(f"repository names must be distinct: {names}")
+        if repo.casefold() not in folded:
+            raise ValueError(f"the default repository {repo!r} is not among repos {names}")
         self.owner = owner
-        self.repo = repo
         self.agent_timeout_s = agent_timeout_s
         self.api_base_url = "https://api.github.com"
-        self.repository_id = 700_000 + secrets.randbelow(100_000)
+        self.installation_id = installation_id
+        base_id = 700_000 + secrets.randbelow(100_000)
+        self.organization_id = base_id
+        self._repos = {name.casefold(): _Repo(name, base_id + 1 + i) for i, name in enumerate(names)}
+        self._default_repo = self._repos[repo.casefold()]
+        # Canonical spelling, as listed in `repos`.
+        self.repo = self._default_repo.name
+        self.repository_id = self._default_repo.id
         self._on_job_event = on_job_event
         self._on_change = on_change
         self._runners: dict[int, _Runner] = {}
@@ -260,24 +299,53 @@ class SimState:
             duration_s=j.duration_s,
         )
 
-    def workflow_job(self, job_id: int) -> WorkflowJobView:
+    def workflow_job(self, job_id: int, repo: str | None = None) -> WorkflowJobView:
+        """A job as GitHub shows it; with `repo`, another repository's job is Not Found, as it is
+        at a URL naming that repository."""
         job = self._jobs.get(job_id)
-        if job is None:
+        if job is None or (repo is not None and job.repo != self.repository(repo)):
             raise ApiError(404, "Not Found")
         return self._workflow_job(job)
 
-    def workflow_jobs(self) -> list[WorkflowJobView]:
-        return [self._workflow_job(j) for j in self._jobs.values()]
+    def workflow_jobs(self, repo: str | None = None) -> list[WorkflowJobView]:
+        """All jobs, or with `repo` those of that repository."""
+        wanted = None if repo is None else self.repository(repo)
+        return [self._workflow_job(j) for j in self._jobs.values() if wanted is None or j.repo == wanted]
 
-    def repository_view(self) -> RepositoryView:
+    def repository(self, name: str | None = None) -> _Repo:
+        """The organization's repository called `name` (any case), the default one for None;
+        ValueError if the organization has none of that name."""
+        if name is None:
+            return self._default_repo
+        found = self._repos.get(name.casefold())
+        if found is None:
+            raise ValueError(f"{self.owner} has no repository {name!r}; it has {self.repository_names()}")
+        return found
+
+    def has_repository(self, name: str) -> bool:
+        return name.casefold() in self._repos
+
+    def repository_names(self) -> list[str]:
+        return [r.name for r in self._repos.values()]
+
+    def repository_view(self, repo: str | None = None) -> RepositoryView:
+        found = self.repository(repo)
         return RepositoryView(
-            id=self.repository_id,
-            node_id=f"R_sim{self.repository_id}",
-            name=self.repo,
-            full_name=f"{self.owner}/{self.repo}",
-            owner=OwnerView(login=self.owner, id=self.repository_id + 1, type="Organization"),
+            id=found.id,
+            node_id=f"R_sim{found.id}",
+            name=found.name,
+            full_name=f"{self.owner}/{found.name}",
+            owner=OwnerView(login=self.owner, id=self.organization_id, type="Organization"),
             private=True,
-            html_url=f"https://github.com/{self.owner}/{self.repo}",
+            html_url=f"https://github.com/{self.owner}/{found.name}",
+        )
+
+    def repository_views(self) -> list[RepositoryView]:
+        return [self.repository_view(name) for name in self.repository_names()]
+
+    def organization_view(self) -> OrganizationView:
+        return OrganizationView(
+            login=self.owner, id=self.organization_id, node_id=f"O_sim{self.organization_id}"
         )
 
     # ----------------------------------------------------------------- REST side
@@ -355,9 +423,14 @@ class SimState:
         workflow_name: str = "CI",
         run_id: int | None = None,
         needs_approval: bool = False,
+        repo: str | None = None,
     ) -> int:
-        """Queue one job; `run_id` puts it in an existing run (a matrix), `needs_approval` holds it
-        in `waiting` until `approve_job`."""
+        """Queue one job in `repo` (default: the default repository); `run_id` puts it in an
+        existing run (a matrix), `needs_approval` holds it in `waiting` until `approve_job`.
+        ValueError for a repository the organization lacks, or a run of another repository."""
+        where = self.repository(repo)
+        if run_id is not None and any(j.run_id == run_id and j.repo != where for j in self._jobs.values()):
+            raise ValueError(f"run {run_id} belongs to another repository than {where.name!r}")
         now = _now()
         if run_id is None:
             run_id = self._next_run_id
@@ -365,6 +438,7 @@ class SimState:
         job = _Job(
             id=self._next_job_id,
             run_id=run_id,
+            repo=where,
             name=name,
             workflow_name=workflow_name,
             labels=list(labels),
@@ -501,13 +575,19 @@ class SimState:
             WorkflowJobEvent(
                 action=action,
                 workflow_job=self._workflow_job(job),
-                repository=self.repository_view(),
+                repository=self.repository_view(job.repo.name),
+                organization=self.organization_view(),
                 sender=OwnerView(login="sim-user", id=1, type="User"),
+                installation=(
+                    None
+                    if self.installation_id is None
+                    else InstallationView(id=self.installation_id, node_id=f"MDI_sim{self.installation_id}")
+                ),
             )
         )
 
     def _workflow_job(self, job: _Job) -> WorkflowJobView:
-        api_repo = f"{self.api_base_url}/repos/{self.owner}/{self.repo}"
+        api_repo = f"{self.api_base_url}/repos/{self.owner}/{job.repo.name}"
         assigned = job.runner_id is not None
         return WorkflowJobView(
             id=job.id,
@@ -530,7 +610,7 @@ class SimState:
             runner_group_name=DEFAULT_GROUP_NAME if assigned else None,
             steps=[s.model_copy() for s in job.steps],
             url=f"{api_repo}/actions/jobs/{job.id}",
-            html_url=f"https://github.com/{self.owner}/{self.repo}/actions/runs/{job.run_id}/job/{job.id}",
+            html_url=f"https://github.com/{self.owner}/{job.repo.name}/actions/runs/{job.run_id}/job/{job.id}",
             run_url=f"{api_repo}/actions/runs/{job.run_id}",
             check_run_url=f"{api_repo}/check-runs/{job.id}",
             node_id=f"CR_sim{job.id}",

@@ -50,10 +50,19 @@ class _Outgoing:
 
 
 class WebhookSender:
-    def __init__(self, *, secret: str, hook_id: int, target_id: int, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        *,
+        secret: str,
+        hook_id: int,
+        target_id: int,
+        on_change: Callable[[], None],
+        target_type: Literal["repository", "organization"] = "repository",
+    ) -> None:
         self.url: str | None = None
         self.secret = secret
         self.hook_id = hook_id
+        self.target_type = target_type
         self.target_id = target_id
         # A reordered delivery is held until the next one is sent, but never longer than this,
         # so a held delivery at the end of a burst still arrives (late, like GitHub's).
@@ -172,7 +181,7 @@ class WebhookSender:
             "X-GitHub-Event": record.event,
             "X-GitHub-Delivery": record.delivery_id,
             "X-GitHub-Hook-ID": str(self.hook_id),
-            "X-GitHub-Hook-Installation-Target-Type": "repository",
+            "X-GitHub-Hook-Installation-Target-Type": self.target_type,
             "X-GitHub-Hook-Installation-Target-ID": str(self.target_id),
             "X-Hub-Signature-256": signature_256(self.secret.encode(), item.body),
             "User-Agent": "GitHub-Hookshot/sim",

@@ -15,12 +15,15 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -630,6 +633,154 @@ async def test_silent_agent_is_reaped(receiver: Receiver) -> None:
         # A late poll brings the idle one back online.
         assert (await idle.poll()).status_code == 204
         assert sim.runners()[0].status == "online"
+
+
+# ---------------------------------------------------------------------------------------------
+# An organization with several repositories
+# ---------------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def org_sim(
+    receiver: Receiver, **kwargs: Any
+) -> AsyncIterator[tuple[GitHubSimulator, httpx.AsyncClient]]:
+    repos = ["widgets", "gadgets"]
+    async with (
+        GitHubSimulator(
+            token=TOKEN, webhook_url=receiver.url, webhook_secret=SECRET, repos=repos, **kwargs
+        ) as sim,
+        httpx.AsyncClient(base_url=sim.url, headers={"Authorization": f"Bearer {TOKEN}"}) as api,
+    ):
+        yield sim, api
+
+
+def test_default_repository_must_be_among_repos() -> None:
+    with pytest.raises(ValueError, match="'widgets' is not among"):
+        GitHubSimulator(repos=["gadgets"])
+    with pytest.raises(ValueError, match="distinct"):
+        GitHubSimulator(repos=["widgets", "Widgets"])
+    assert GitHubSimulator(repo="gadgets", repos=["widgets", "gadgets"]).repo == "gadgets"
+
+
+async def test_jobs_of_each_repository_name_their_repository(receiver: Receiver) -> None:
+    async with org_sim(receiver) as (sim, api):
+        assert sim.repo == "widgets" and sim.repos == ["widgets", "gadgets"]
+        widget_job = sim.queue_job(["self-hosted"], 0.0)
+        gadget_job = sim.queue_job(["self-hosted"], 0.0, repo="gadgets")
+        await receiver.wait_for(lambda: bool(receiver.for_job(widget_job) and receiver.for_job(gadget_job)))
+        widget_hook, gadget_hook = receiver.for_job(widget_job)[0], receiver.for_job(gadget_job)[0]
+        widgets, gadgets = widget_hook.payload["repository"], gadget_hook.payload["repository"]
+        assert (widgets["full_name"], widgets["name"]) == ("acme/widgets", "widgets")
+        assert (gadgets["full_name"], gadgets["name"]) == ("acme/gadgets", "gadgets")
+        assert gadgets["html_url"] == "https://github.com/acme/gadgets"
+        assert widgets["id"] != gadgets["id"] and widgets["node_id"] != gadgets["node_id"]
+        assert widgets["owner"] == gadgets["owner"] and gadgets["owner"]["login"] == "acme"
+        organization = gadget_hook.payload["organization"]
+        assert organization["login"] == "acme" and organization["id"] == gadgets["owner"]["id"]
+        # No App configured: GitHub's delivery has no installation key at all.
+        assert "installation" not in gadget_hook.payload
+        job = gadget_hook.job
+        for key in ("url", "run_url", "check_run_url"):
+            assert job[key].startswith(f"{sim.url}/repos/acme/gadgets/"), (key, job[key])
+        assert job["html_url"].startswith("https://github.com/acme/gadgets/actions/runs/")
+        assert widget_hook.job["url"] == f"{sim.url}/repos/acme/widgets/actions/jobs/{widget_job}"
+        # One hook serves every repository, so it is the organization's.
+        assert gadget_hook.headers["x-github-hook-installation-target-type"] == "organization"
+        assert gadget_hook.headers["x-github-hook-installation-target-id"] == str(organization["id"])
+
+        found = await api.get(f"/repos/acme/gadgets/actions/jobs/{gadget_job}")
+        assert found.status_code == 200 and found.json()["id"] == gadget_job
+        assert (await api.get(f"/repos/acme/Gadgets/actions/jobs/{gadget_job}")).status_code == 200
+        assert (await api.get(f"/repos/acme/widgets/actions/jobs/{gadget_job}")).status_code == 404
+        assert (await api.get(f"/repos/acme/gadgets/actions/jobs/{widget_job}")).status_code == 404
+        assert (await api.get(f"/repos/acme/other/actions/jobs/{gadget_job}")).status_code == 404
+        assert (await api.get("/repos/acme/other/actions/runners")).status_code == 404
+
+        gadget_runs = (await api.get("/repos/acme/gadgets/actions/runs")).json()["workflow_runs"]
+        assert [r["id"] for r in gadget_runs] == [sim.job(gadget_job).run_id]
+        assert gadget_runs[0]["html_url"].startswith("https://github.com/acme/gadgets/")
+        assert gadget_runs[0]["jobs_url"].startswith(f"{sim.url}/repos/acme/gadgets/")
+        widget_runs = (await api.get("/repos/acme/widgets/actions/runs")).json()["workflow_runs"]
+        assert [r["id"] for r in widget_runs] == [sim.job(widget_job).run_id]
+        gadget_run = sim.job(gadget_job).run_id
+        run_jobs = (await api.get(f"/repos/acme/gadgets/actions/runs/{gadget_run}/jobs")).json()
+        assert [j["id"] for j in run_jobs["jobs"]] == [gadget_job]
+        assert (await api.get(f"/repos/acme/widgets/actions/runs/{gadget_run}/jobs")).status_code == 404
+
+        repos = (await api.get("/orgs/acme/repos")).json()
+        assert [r["full_name"] for r in repos] == ["acme/widgets", "acme/gadgets"]
+        assert {r["id"] for r in repos} == {widgets["id"], gadgets["id"]}
+
+        sim.ping()
+        await receiver.wait_for(lambda: any(r.event == "ping" for r in receiver.items))
+        ping = next(r for r in receiver.items if r.event == "ping")
+        assert ping.payload["hook"]["type"] == "Organization" and "repository" not in ping.payload
+
+
+async def test_queueing_in_an_unknown_repository_is_refused(receiver: Receiver) -> None:
+    async with org_sim(receiver) as (sim, api):
+        with pytest.raises(ValueError, match="no repository 'other'"):
+            sim.queue_job(["self-hosted"], 0.0, repo="other")
+        with pytest.raises(ValueError, match="no repository 'other'"):
+            sim.queue_run(["self-hosted"], 2, repo="other")
+        refused = await api.post("/_sim/jobs", json={"labels": ["self-hosted"], "repo": "other"})
+        assert refused.status_code == 400 and "other" in refused.json()["message"]
+        assert sim.jobs() == []
+
+        queued = await api.post("/_sim/jobs", json={"labels": ["self-hosted"], "repo": "gadgets", "count": 2})
+        assert queued.status_code == 201
+        matrix = await api.post(
+            "/_sim/jobs", json={"labels": ["self-hosted"], "repo": "gadgets", "count": 2, "matrix": True}
+        )
+        ids = queued.json()["job_ids"] + matrix.json()["job_ids"]
+        for job_id in ids:
+            assert (await api.get(f"/repos/acme/gadgets/actions/jobs/{job_id}")).status_code == 200
+        run_id = sim.job(matrix.json()["job_ids"][0]).run_id
+        run_jobs = (await api.get(f"/repos/acme/gadgets/actions/runs/{run_id}/jobs")).json()
+        assert run_jobs["total_count"] == 2
+        # A run belongs to one repository.
+        with pytest.raises(ValueError, match="another repository"):
+            sim.queue_job(["self-hosted"], 0.0, run_id=run_id, repo="widgets")
+
+
+async def test_org_runners_serve_every_repository(receiver: Receiver) -> None:
+    async with org_sim(receiver) as (sim, api):
+        gadget_job = sim.queue_job(["self-hosted", "linux"], 0.0, repo="gadgets")
+        widget_job = sim.queue_job(["self-hosted", "linux"], 0.0, repo="widgets")
+        taken: dict[int, str] = {}
+        for name in ("org-1", "org-2"):
+            _, jit = await create_jit(api, name, scope=ORG_RUNNERS)
+            agent = await connect(api, jit)
+            job_id = (await agent.poll()).json()["job_id"]
+            taken[job_id] = name
+            assert (await agent.complete(job_id)).status_code == 204
+        # The oldest queued job goes first, whatever its repository.
+        assert taken == {gadget_job: "org-1", widget_job: "org-2"}
+        for job_id in (gadget_job, widget_job):
+            assert (sim.job(job_id).status, sim.job(job_id).conclusion) == ("completed", "success")
+
+        await receiver.wait_for(lambda: len(receiver.for_job(gadget_job)) == 3)
+        in_progress = receiver.for_job(gadget_job)[1]
+        assert in_progress.action == "in_progress" and in_progress.job["runner_name"] == "org-1"
+        assert in_progress.payload["repository"]["full_name"] == "acme/gadgets"
+        rest = (await api.get(f"/repos/acme/gadgets/actions/jobs/{gadget_job}")).json()
+        assert (rest["status"], rest["runner_name"]) == ("completed", "org-1")
+
+
+async def test_app_deliveries_name_the_installation(receiver: Receiver) -> None:
+    public_pem = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    async with org_sim(receiver, app_id=77, app_public_key_pem=public_pem, installation_id=4242) as (sim, _):
+        job_id = sim.queue_job(["self-hosted"], 0.0, repo="gadgets")
+        await receiver.wait_for(lambda: bool(receiver.for_job(job_id)))
+        payload = receiver.for_job(job_id)[0].payload
+        assert payload["installation"]["id"] == 4242
+        assert payload["organization"]["login"] == "acme"
+        assert payload["repository"]["full_name"] == "acme/gadgets"
 
 
 # ---------------------------------------------------------------------------------------------
