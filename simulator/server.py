@@ -369,6 +369,7 @@ class GitHubSimulator:
         app_public_key_pem: str | None = None,
         installation_id: int = 1,
         installation_token_ttl_s: float = 3600,
+        extra_runner_group_ids: Sequence[int] = (),
     ) -> None:
         if (app_id is None) != (app_public_key_pem is None):
             raise ValueError("app_id and app_public_key_pem go together: give both or neither")
@@ -417,6 +418,9 @@ class GitHubSimulator:
                 installation_id=installation_id,
                 token_ttl_s=installation_token_ttl_s,
             )
+        # Runner groups an organization created besides the default one.
+        self._runner_group_ids = {DEFAULT_GROUP_ID, *extra_runner_group_ids}
+        self._runner_groups: dict[str, int] = {}
         self.set_faults(faults or FaultConfig())
         self.app = self._build_app()
 
@@ -555,6 +559,10 @@ class GitHubSimulator:
 
     def runners(self) -> list[RunnerView]:
         return self.state.runner_views()
+
+    def runner_group_of(self, runner_name: str) -> int | None:
+        """The runner group a JIT runner was registered into, by name."""
+        return self._runner_groups.get(runner_name)
 
     def connected_runners(self) -> list[str]:
         """Names of the runners whose listener connected, in order: a JIT config is used once."""
@@ -820,9 +828,10 @@ class GitHubSimulator:
             raise ApiError(422, "Invalid input: name must not be empty")
         if not 1 <= len(body.labels) <= 100:
             raise ApiError(422, "Invalid input: labels must contain between 1 and 100 items")
-        if body.runner_group_id != DEFAULT_GROUP_ID:
+        if body.runner_group_id not in self._runner_group_ids:
             raise ApiError(404, "Not Found")
         runner, view = self.state.create_jit_runner(body.name, body.labels)
+        self._runner_groups[runner.name] = body.runner_group_id
         server_url = self.url if self._server is not None else str(request.base_url).rstrip("/")
         encoded = jitconfig.encode(
             jitconfig.JitConfig(
