@@ -73,10 +73,11 @@ class JobMetrics:
             JOB_RUNNER_SECONDS, "container-seconds a job's runners lived", "s"
         )
 
-    def record_usage(self, repository: str, *, slot_s: float, runner_s: float) -> None:
-        # The repository is one of the configured scope's: a bounded label.
-        self.slot_seconds.record(slot_s, {"repository": repository})
-        self.runner_seconds.record(runner_s, {"repository": repository})
+    def record_usage(self, scope: str, repository: str, *, slot_s: float, runner_s: float) -> None:
+        # Scopes are configured and repositories are theirs: bounded labels.
+        labels = {"scope": scope, "repository": repository}
+        self.slot_seconds.record(slot_s, labels)
+        self.runner_seconds.record(runner_s, labels)
 
 
 def record_rate_limit(meter: MetricMeter, remaining: int | None) -> None:

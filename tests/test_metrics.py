@@ -60,8 +60,16 @@ async def test_worker_and_starter_expose_mayfly_metrics(
     done = sample(worker_metrics, "mayfly_job_phase_transitions_total", pool=pool_name, phase="done")
     assert done == 3
     for usage in ("mayfly_job_slot_seconds", "mayfly_job_runner_seconds"):
-        assert sample(worker_metrics, f"{usage}_count", pool=pool_name, repository="acme/widgets") == 3
-        assert (sample(worker_metrics, f"{usage}_sum", pool=pool_name, repository="acme/widgets") or 0) > 0
+        assert (
+            sample(
+                worker_metrics, f"{usage}_count", pool=pool_name, repository="acme/widgets", scope="default"
+            )
+            == 3
+        )
+        assert (
+            sample(worker_metrics, f"{usage}_sum", pool=pool_name, repository="acme/widgets", scope="default")
+            or 0
+        ) > 0
     remaining = sample(worker_metrics, "mayfly_github_ratelimit_remaining")
     assert remaining is not None and remaining > 0
     assert sample(starter_metrics, "mayfly_webhook_deliveries_total", outcome="accepted:queued") == 3

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from temporalio.client import Client
 from mayfly import search_attributes
 from mayfly.app.embedded import SIMULATED_RUNNER
 from mayfly.app.starter import create_starter_app
+from mayfly.app.usage import usage
 from mayfly.app.wiring import build_workers, start_sweeper
 from mayfly.backends.local import LocalProcessBackend
 from mayfly.config import LocalBackendSettings, MayflySettings
@@ -218,6 +220,14 @@ async def test_each_scope_is_served_by_its_pools_with_its_credential_and_swept(
         runner = f"{deployment.settings.runner_prefix(scope)}-{job_id}-a1"
         assert sims[scope].runner_group_of(runner) == (ARM_GROUP if expected_pool == "arm" else 1)
         assert sims[scope].job(job_id).status == "completed"
+    # Usage is told apart by scope.
+    totals = await usage(deployment.client, timedelta(hours=1), "scope")
+    assert {scope: totals[scope].jobs for scope in ("acme", "globex", "solo")} == {
+        "acme": 2,
+        "globex": 2,
+        "solo": 2,
+    }
+    assert all(totals[scope].runner_s > 0 for scope in ("acme", "globex", "solo"))
     # Each App scope exchanged its own installation's tokens; the PAT scope needs none.
     assert sims["acme"].token_exchanges > 0 and sims["globex"].token_exchanges > 0
     assert sims["solo"].token_exchanges == 0

@@ -274,7 +274,8 @@ class RunnerJobWorkflow:
                 search_attributes.RUNNER_SECONDS.value_set(runner_s),
             ]
         )
-        self._metrics().record_usage(self._params.job.repository, slot_s=slot_s, runner_s=runner_s)
+        job = self._params.job
+        self._metrics().record_usage(job.scope, job.repository, slot_s=slot_s, runner_s=runner_s)
 
     def _slot_held_s(self) -> float:
         return self._slot_held_before_s + (self._lease.held_s() if self._lease is not None else 0.0)

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs.add_argument("--limit", type=int, default=50)
     usage = sub.add_parser("usage", help="slot- and runner-hours of closed job workflows")
     usage.add_argument("--since", default="24h", help="e.g. 90m, 24h, 7d")
-    usage.add_argument("--by", choices=["pool", "repository"], default="pool")
+    usage.add_argument("--by", choices=["pool", "repository", "scope"], default="pool")
     for name in ("worker", "starter", "status", "setup"):
         sub.add_parser(name)
     for command in sub.choices.values():

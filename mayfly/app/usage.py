@@ -35,8 +35,10 @@ class UsageTotals:
 
 
 async def usage(client: Client, since: timedelta, by: str) -> dict[str, UsageTotals]:
-    """Totals per pool or per repository of the job workflows closed in the last `since`."""
-    key = search_attributes.POOL if by == "pool" else search_attributes.REPOSITORY
+    """Totals per pool, repository or scope of the job workflows closed in the last `since`."""
+    key = {"pool": search_attributes.POOL, "scope": search_attributes.SCOPE}.get(
+        by, search_attributes.REPOSITORY
+    )
     cutoff = (datetime.now(UTC) - since).strftime("%Y-%m-%dT%H:%M:%SZ")
     totals: dict[str, UsageTotals] = defaultdict(UsageTotals)
     query = (
