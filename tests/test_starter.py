@@ -16,7 +16,14 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from mayfly.app.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.app.starter import MAX_JSON_DEPTH, create_starter_app, json_depth_exceeds
-from mayfly.config import ConfigError, GitHubSettings, MayflySettings, PoolSettings, TemporalSettings
+from mayfly.config import (
+    ConfigError,
+    GitHubSettings,
+    MayflySettings,
+    PoolSettings,
+    ScopeSettings,
+    TemporalSettings,
+)
 from mayfly.models import RunnerJobResult, job_workflow_id
 from mayfly.signing import signature_matches
 
@@ -259,3 +266,51 @@ async def test_a_signed_delivery_from_another_repository_starts_nothing(
     assert response.status_code == 202 and "not one this deployment serves" in response.text
     assert 'mayfly_webhook_deliveries_total{outcome="ignored_unknown_scope"} 1.0' in metrics
     assert not await workflow_exists(client, job_id)
+
+
+async def test_deliveries_route_to_their_scope_by_repository_organization_and_installation(
+    client: Client, task_queue: str
+) -> None:
+    scoped = MayflySettings(
+        github=GitHubSettings(app_id=5, private_key="unused here", webhook_secret=SECRET),
+        scopes=[
+            ScopeSettings(name="acme", organization="acme", installation_id=11),
+            ScopeSettings(name="globex", organization="globex", installation_id=12),
+            # A repository of acme's with its own PAT: more specific than the organization.
+            ScopeSettings(name="special", repository="acme/special", token="t"),
+        ],
+        temporal=TemporalSettings(task_queue=task_queue),
+        pools=[PoolSettings(name="cpu", labels=["self-hosted", "linux"], max_runners=2)],
+    )
+
+    async def provider() -> Client:
+        return client
+
+    app = create_starter_app(scoped, provider)
+    deliveries = [
+        # job id, repository, installation, the scope that must take it (None: nobody)
+        (920_201, "acme/widgets", 11, "acme"),
+        (920_202, "ACME/Gadgets", None, "acme"),
+        (920_203, "globex/api", 12, "globex"),
+        (920_204, "acme/special", None, "special"),
+        # Signed, and naming acme, but sent for the App's installation in globex.
+        (920_205, "acme/widgets", 12, None),
+        (920_206, "initech/app", 13, None),
+    ]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://starter") as http:
+        for job_id, repository, installation, scope in deliveries:
+            payload = job_payload(job_id)
+            payload["repository"] = {"full_name": repository}
+            if installation is not None:
+                payload["installation"] = {"id": installation}
+            body = json.dumps(payload).encode()
+            response = await post(http, body, signature=sign(body))
+            assert response.status_code == (200 if scope else 202), (job_id, response.text)
+            started = []
+            for candidate in ("acme", "globex", "special"):
+                try:
+                    await client.get_workflow_handle(job_workflow_id(job_id, candidate)).describe()
+                    started.append(candidate)
+                except RPCError as error:
+                    assert error.status == RPCStatusCode.NOT_FOUND
+            assert started == ([scope] if scope else []), job_id

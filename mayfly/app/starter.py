@@ -96,10 +96,11 @@ def json_depth_exceeds(body: bytes, limit: int) -> bool:
 ClientProvider = Callable[[], Awaitable[Client]]
 
 
-def _log_context(payload: WorkflowJobWebhook) -> dict[str, str]:
-    """The job's workflow id and its runner (once GitHub named one), as on the worker's lines."""
+def _log_context(payload: WorkflowJobWebhook, prefix: str = "mayfly") -> dict[str, str]:
+    """The job's workflow id (its scope's prefix, once known) and its runner (once GitHub named
+    one), as on the worker's lines."""
     job = payload.workflow_job
-    return {"job": job_workflow_id(job.id), "runner": job.runner_name or "-"}
+    return {"job": job_workflow_id(job.id, prefix), "runner": job.runner_name or "-"}
 
 
 def _answer(status: int, message: str, **extra: object) -> JSONResponse:
@@ -271,7 +272,10 @@ class WebhookStarter:
         if pool is None:
             self._count("ignored_no_pool")
             log.info(
-                "job %s labels %s match no pool; ignored", job.id, job.labels, extra=_log_context(payload)
+                "job %s labels %s match no pool; ignored",
+                job.id,
+                job.labels,
+                extra=_log_context(payload, self._settings.runner_prefix(scope)),
             )
             return _answer(202, "no pool serves these labels")
         self._count(f"accepted:{payload.action}")  # one of _JOB_ACTIONS
@@ -281,7 +285,7 @@ class WebhookStarter:
             job.id,
             payload.action,
             pool,
-            extra=_log_context(payload),
+            extra=_log_context(payload, self._settings.runner_prefix(scope)),
         )
         return _answer(200, "accepted")
 
