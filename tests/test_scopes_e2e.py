@@ -23,6 +23,7 @@ from temporalio.client import Client
 
 from mayfly import search_attributes
 from mayfly.app.embedded import SIMULATED_RUNNER
+from mayfly.app.explain import explain, list_jobs
 from mayfly.app.starter import create_starter_app
 from mayfly.app.usage import usage
 from mayfly.app.wiring import build_workers, start_sweeper
@@ -220,6 +221,17 @@ async def test_each_scope_is_served_by_its_pools_with_its_credential_and_swept(
         runner = f"{deployment.settings.runner_prefix(scope)}-{job_id}-a1"
         assert sims[scope].runner_group_of(runner) == (ARM_GROUP if expected_pool == "arm" else 1)
         assert sims[scope].job(job_id).status == "completed"
+    # The CLI's views tell the scopes apart, even for one job id in two of them.
+    client, settings = deployment.client, deployment.settings
+    shared_id = queued[0][1]
+    acme_view = await explain(client, settings, shared_id, None)
+    solo_view = await explain(client, settings, shared_id, None, "solo")
+    assert f"workflow acme-job-{shared_id} (scope acme)" in acme_view[0]
+    assert f"workflow solo-job-{shared_id} (scope solo)" in solo_view[0]
+    listed = "\n".join(await list_jobs(client, pool=None, state=None, limit=50, scope="solo"))
+    assert sorted(line.split()[0] for line in listed.splitlines()) == sorted(
+        deployment.workflow_id("solo", job_id) for scope, job_id, _ in queued if scope == "solo"
+    )
     # Usage is told apart by scope.
     totals = await usage(deployment.client, timedelta(hours=1), "scope")
     assert {scope: totals[scope].jobs for scope in ("acme", "globex", "solo")} == {

@@ -154,11 +154,13 @@ async def _explain(settings: MayflySettings, job_id: int, scope: str | None) -> 
     return 0
 
 
-async def _jobs(settings: MayflySettings, pool: str | None, state: str | None, limit: int) -> int:
+async def _jobs(
+    settings: MayflySettings, pool: str | None, state: str | None, scope: str | None, limit: int
+) -> int:
     from mayfly.app.explain import list_jobs
 
     client = await connect(settings.temporal)
-    for line in await list_jobs(client, pool=pool, state=state, limit=limit):
+    for line in await list_jobs(client, pool=pool, state=state, scope=scope, limit=limit):
         print(line)
     return 0
 
@@ -245,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = sub.add_parser("jobs", help="list job workflows by pool and phase")
     jobs.add_argument("--pool")
     jobs.add_argument("--state", help="a phase, e.g. waiting-for-slot, running, failed")
+    jobs.add_argument("--scope")
     jobs.add_argument("--limit", type=int, default=50)
     usage = sub.add_parser("usage", help="slot- and runner-hours of closed job workflows")
     usage.add_argument("--since", default="24h", help="e.g. 90m, 24h, 7d")
@@ -281,7 +284,7 @@ def _run_client_command(args: argparse.Namespace, settings: MayflySettings) -> i
         if command == "usage":
             return asyncio.run(_usage(settings, args.since, args.by))
         if command == "jobs":
-            return asyncio.run(_jobs(settings, args.pool, args.state, args.limit))
+            return asyncio.run(_jobs(settings, args.pool, args.state, args.scope, args.limit))
         if command == "starter":
             return asyncio.run(_starter(settings))
         if command == "setup":

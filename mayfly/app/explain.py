@@ -139,8 +139,12 @@ async def _github_line(github: GitHubClient | None, repository: str, job_id: int
     return f"  GitHub: {job.status}{conclusion}{runner}"
 
 
-async def list_jobs(client: Client, *, pool: str | None, state: str | None, limit: int) -> list[str]:
+async def list_jobs(
+    client: Client, *, pool: str | None, state: str | None, limit: int, scope: str | None = None
+) -> list[str]:
     clauses = [f"WorkflowType = '{RUNNER_JOB_WORKFLOW}'"]
+    if scope:
+        clauses.append(f"{search_attributes.SCOPE.name} = '{_quoted(scope)}'")
     if pool:
         clauses.append(f"{search_attributes.POOL.name} = '{_quoted(pool)}'")
     if state:
