@@ -33,6 +33,16 @@ async def _sleep_heartbeating(seconds: float) -> None:
         await asyncio.sleep(min(1.0, remaining))
 
 
+def client_for_scope(clients: Mapping[str, GitHubClient], scope: str) -> GitHubClient:
+    client = clients.get(scope)
+    if client is None:
+        # A workflow started under a scope this worker's config no longer has: no retry helps.
+        raise ApplicationError(
+            f"scope {scope!r} is not configured on this worker", type="UnknownScope", non_retryable=True
+        )
+    return client
+
+
 class GitHubActivities:
     """GitHub calls for every scope, each with the scope's own client (credential, API URL)."""
 
@@ -48,13 +58,7 @@ class GitHubActivities:
         self._poll_interval_s = poll_interval_s
 
     def _client(self, scope: str) -> GitHubClient:
-        client = self._clients.get(scope)
-        if client is None:
-            # A job started under a scope this worker's config no longer has: no retry helps.
-            raise ApplicationError(
-                f"scope {scope!r} is not configured on this worker", type="UnknownScope", non_retryable=True
-            )
-        return client
+        return client_for_scope(self._clients, scope)
 
     async def _mint(self, request: MintRequest) -> JitConfig:
         github = self._client(request.scope)

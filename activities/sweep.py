@@ -15,6 +15,7 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 
 from activities.errors import backend_failure, github_failure
+from activities.github import client_for_scope
 from activities.owners import owner_running, workflow_status
 from mayfly.backends import BackendError, ContainerBackend, ContainerState
 from mayfly.config import MayflySettings
@@ -46,12 +47,7 @@ class SweepActivities:
         self._dispatcher = JobDispatcher(settings)
 
     def _client(self, scope: str) -> GitHubClient:
-        client = self._clients.get(scope)
-        if client is None:
-            raise ApplicationError(
-                f"scope {scope!r} is not configured on this worker", type="UnknownScope", non_retryable=True
-            )
-        return client
+        return client_for_scope(self._clients, scope)
 
     @activity.defn(name="sweep.containers")
     async def containers(self, pool: str) -> SweepReport:

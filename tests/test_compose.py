@@ -26,12 +26,11 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from temporalio.client import Client
 
 from mayfly.models import job_workflow_id
 from simulator import GitHubSimulator
+from simulator.app_keys import generate_app_key
 from tests.test_metrics import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -384,16 +383,8 @@ def config_for_the_test_host(host: ComposeHost, service: dict[str, Any], simulat
 
 @pytest.fixture
 async def app_key_pair() -> AsyncIterator[tuple[str, str]]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-    public = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    yield private, public
+    keys = generate_app_key()
+    yield keys.private_pem, keys.public_pem
 
 
 async def test_the_mayfly_services_come_up_in_order_and_run_a_job(

@@ -12,7 +12,6 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -32,6 +31,7 @@ from mayfly.github_app import (
 )
 from mayfly.github_errors import GitHubError
 from simulator import GitHubSimulator
+from simulator.app_keys import AppKeyPair, generate_app_key
 
 APP_ID = 424242
 INSTALLATION = 7
@@ -46,42 +46,20 @@ RUNNERS_401 = "GET /repos/{owner}/{repo}/actions/runners 401"
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class KeyPair:
-    private_pem: str
-    public_pem: str
-    key: rsa.RSAPrivateKey
-
-    def __repr__(self) -> str:
-        return "KeyPair(<test key>)"  # keeps pytest's tracebacks readable
-
-    def secret_fragments(self) -> list[str]:
-        """Pieces of the private key that must never show up anywhere."""
-        body = [line for line in self.private_pem.splitlines() if line and not line.startswith("-----")]
-        return [self.private_pem, *body]
-
-
-def make_keys() -> KeyPair:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-    public_pem = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return KeyPair(private_pem, public_pem, key)
+def secret_fragments(keys: AppKeyPair) -> list[str]:
+    """Pieces of the private key that must never show up anywhere."""
+    body = [line for line in keys.private_pem.splitlines() if line and not line.startswith("-----")]
+    return [keys.private_pem, *body]
 
 
 @pytest.fixture(scope="module")
-def keys() -> KeyPair:
-    return make_keys()
+def keys() -> AppKeyPair:
+    return generate_app_key()
 
 
 @pytest.fixture(scope="module")
-def other_keys() -> KeyPair:
-    return make_keys()
+def other_keys() -> AppKeyPair:
+    return generate_app_key()
 
 
 def b64url_decode(segment: str) -> bytes:
@@ -144,7 +122,7 @@ def assert_no_secrets(text: str, *secrets: str) -> None:
 
 
 @asynccontextmanager
-async def app_simulator(keys: KeyPair, **kwargs: Any) -> AsyncIterator[GitHubSimulator]:
+async def app_simulator(keys: AppKeyPair, **kwargs: Any) -> AsyncIterator[GitHubSimulator]:
     sim = GitHubSimulator(
         token=PAT,
         app_id=APP_ID,
@@ -161,7 +139,7 @@ async def app_simulator(keys: KeyPair, **kwargs: Any) -> AsyncIterator[GitHubSim
 
 @asynccontextmanager
 async def provider_for(
-    sim: GitHubSimulator, keys: KeyPair, **kwargs: Any
+    sim: GitHubSimulator, keys: AppKeyPair, **kwargs: Any
 ) -> AsyncIterator[InstallationTokenProvider]:
     kwargs.setdefault("installation_id", INSTALLATION)
     provider = InstallationTokenProvider(sim.url, APP_ID, private_key_pem=keys.private_pem, **kwargs)
@@ -189,7 +167,7 @@ async def client_for(
 # ---------------------------------------------------------------------------------------------
 
 
-def test_app_jwt_is_rs256_signed_with_bounded_claims(keys: KeyPair) -> None:
+def test_app_jwt_is_rs256_signed_with_bounded_claims(keys: AppKeyPair) -> None:
     now = 1_750_000_000.7
     token = app_jwt(APP_ID, keys.private_pem, now=now)
     parts = token.split(".")
@@ -207,7 +185,7 @@ def test_app_jwt_is_rs256_signed_with_bounded_claims(keys: KeyPair) -> None:
     assert all(isinstance(claims[name], int) for name in ("iat", "exp"))
 
 
-def test_app_jwt_signature_fails_against_another_key(keys: KeyPair, other_keys: KeyPair) -> None:
+def test_app_jwt_signature_fails_against_another_key(keys: AppKeyPair, other_keys: AppKeyPair) -> None:
     head, body, signature = app_jwt("Iv1.client", keys.private_pem).split(".")
     with pytest.raises(InvalidSignature):
         other_keys.key.public_key().verify(
@@ -215,7 +193,7 @@ def test_app_jwt_signature_fails_against_another_key(keys: KeyPair, other_keys: 
         )
 
 
-def test_unusable_private_keys_fail_clearly_without_quoting_the_key(keys: KeyPair) -> None:
+def test_unusable_private_keys_fail_clearly_without_quoting_the_key(keys: AppKeyPair) -> None:
     ec_pem = (
         ec.generate_private_key(ec.SECP256R1())
         .private_bytes(
@@ -230,7 +208,7 @@ def test_unusable_private_keys_fail_clearly_without_quoting_the_key(keys: KeyPai
     mangled = keys.private_pem[: len(keys.private_pem) // 2] + "\n-----END PRIVATE KEY-----\n"
     with pytest.raises(ValueError, match="not an unencrypted PEM private key") as garbage:
         load_private_key(mangled)
-    assert_no_secrets(str(garbage.value), *keys.secret_fragments()[1:])
+    assert_no_secrets(str(garbage.value), *secret_fragments(keys)[1:])
     assert garbage.value.__cause__ is None and garbage.value.__suppress_context__
 
 
@@ -239,7 +217,7 @@ def test_unusable_private_keys_fail_clearly_without_quoting_the_key(keys: KeyPai
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_simulator_issues_installation_tokens_for_a_valid_jwt(keys: KeyPair) -> None:
+async def test_simulator_issues_installation_tokens_for_a_valid_jwt(keys: AppKeyPair) -> None:
     async with app_simulator(keys) as sim, httpx.AsyncClient(base_url=sim.url) as http:
         jwt = app_jwt(APP_ID, keys.private_pem)
         answer = await http.post(ACCESS_TOKENS, headers={"Authorization": f"Bearer {jwt}"})
@@ -271,7 +249,7 @@ async def test_simulator_issues_installation_tokens_for_a_valid_jwt(keys: KeyPai
         assert sim.token_exchanges == 1
 
 
-def bad_jwts(keys: KeyPair, other_keys: KeyPair) -> dict[str, str]:
+def bad_jwts(keys: AppKeyPair, other_keys: AppKeyPair) -> dict[str, str]:
     now = int(time.time())
     good = {"iat": now - 60, "exp": now + 540, "iss": str(APP_ID)}
     unsigned = b64url(json.dumps({"alg": "none"}).encode()) + "." + b64url(json.dumps(good).encode()) + "."
@@ -295,7 +273,7 @@ def bad_jwts(keys: KeyPair, other_keys: KeyPair) -> dict[str, str]:
     }
 
 
-async def test_simulator_rejects_bad_jwts_with_401(keys: KeyPair, other_keys: KeyPair) -> None:
+async def test_simulator_rejects_bad_jwts_with_401(keys: AppKeyPair, other_keys: AppKeyPair) -> None:
     async with app_simulator(keys) as sim, httpx.AsyncClient(base_url=sim.url) as http:
         good = sign({"iat": int(time.time()) - 60, "exp": int(time.time()) + 540, "iss": APP_ID}, keys.key)
         accepted = await http.post(ACCESS_TOKENS, headers={"Authorization": f"Bearer {good}"})
@@ -306,7 +284,7 @@ async def test_simulator_rejects_bad_jwts_with_401(keys: KeyPair, other_keys: Ke
         assert sim.token_exchanges == 1
 
 
-async def test_simulator_expires_and_revokes_installation_tokens(keys: KeyPair) -> None:
+async def test_simulator_expires_and_revokes_installation_tokens(keys: AppKeyPair) -> None:
     jwt_header = {"Authorization": f"Bearer {app_jwt(APP_ID, keys.private_pem)}"}
     # A zero lifetime makes every token expired the moment it is issued: no waiting needed.
     async with (
@@ -341,7 +319,7 @@ async def test_simulator_without_an_app_has_no_app_endpoint() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_installation_token_is_cached_across_api_calls(keys: KeyPair) -> None:
+async def test_installation_token_is_cached_across_api_calls(keys: AppKeyPair) -> None:
     async with (
         app_simulator(keys) as sim,
         provider_for(sim, keys) as provider,
@@ -353,7 +331,7 @@ async def test_installation_token_is_cached_across_api_calls(keys: KeyPair) -> N
         assert sim.calls["GET /repos/{owner}/{repo}/actions/runners 200"] == 2
 
 
-async def test_token_is_refreshed_within_the_margin_before_expiry(keys: KeyPair) -> None:
+async def test_token_is_refreshed_within_the_margin_before_expiry(keys: AppKeyPair) -> None:
     # The simulator keeps real time, so the token lives just past the 300 s margin and the
     # controlled clock only needs to move about 30 s: the JWTs it signs stay acceptable.
     clock = Clock(time.time())
@@ -379,7 +357,7 @@ async def test_token_is_refreshed_within_the_margin_before_expiry(keys: KeyPair)
         assert sim.token_exchanges == 2
 
 
-async def test_a_revoked_token_is_refreshed_once_and_the_call_succeeds(keys: KeyPair) -> None:
+async def test_a_revoked_token_is_refreshed_once_and_the_call_succeeds(keys: AppKeyPair) -> None:
     async with (
         app_simulator(keys) as sim,
         provider_for(sim, keys) as provider,
@@ -398,7 +376,7 @@ async def test_a_revoked_token_is_refreshed_once_and_the_call_succeeds(keys: Key
         assert sim.token_exchanges == 2 and sim.calls[RUNNERS_401] == 2
 
 
-async def test_a_token_rejected_twice_raises_after_exactly_one_retry(keys: KeyPair) -> None:
+async def test_a_token_rejected_twice_raises_after_exactly_one_retry(keys: AppKeyPair) -> None:
     recorder = Recorder()
     async with (
         app_simulator(keys, installation_token_ttl_s=0) as sim,
@@ -413,14 +391,14 @@ async def test_a_token_rejected_twice_raises_after_exactly_one_retry(keys: KeyPa
         assert_no_secrets(str(raised.value) + repr(raised.value), *recorder.secrets())
 
 
-async def test_concurrent_callers_share_one_exchange(keys: KeyPair) -> None:
+async def test_concurrent_callers_share_one_exchange(keys: AppKeyPair) -> None:
     async with app_simulator(keys) as sim, provider_for(sim, keys) as provider:
         tokens = await asyncio.gather(*(provider.token() for _ in range(20)))
         assert len(set(tokens)) == 1
         assert sim.token_exchanges == 1 and provider.exchanges == 1
 
 
-async def test_invalidating_a_superseded_token_keeps_the_current_one(keys: KeyPair) -> None:
+async def test_invalidating_a_superseded_token_keeps_the_current_one(keys: AppKeyPair) -> None:
     async with app_simulator(keys) as sim, provider_for(sim, keys) as provider:
         old = await provider.token()
         provider.invalidate(old)
@@ -432,7 +410,7 @@ async def test_invalidating_a_superseded_token_keeps_the_current_one(keys: KeyPa
 
 
 async def test_a_wrong_private_key_gives_a_clear_secret_free_error(
-    keys: KeyPair, other_keys: KeyPair
+    keys: AppKeyPair, other_keys: AppKeyPair
 ) -> None:
     recorder = Recorder()
     async with (
@@ -450,10 +428,10 @@ async def test_a_wrong_private_key_gives_a_clear_secret_free_error(
         jwts = recorder.secrets()
         assert len(jwts) == 1 and jwts[0].count(".") == 2
         for text in (str(error), repr(error), repr(provider)):
-            assert_no_secrets(text, *jwts, *other_keys.secret_fragments())
+            assert_no_secrets(text, *jwts, *secret_fragments(other_keys))
 
 
-async def test_an_unknown_installation_names_the_installation(keys: KeyPair) -> None:
+async def test_an_unknown_installation_names_the_installation(keys: AppKeyPair) -> None:
     async with app_simulator(keys) as sim, provider_for(sim, keys, installation_id=99) as provider:
         with pytest.raises(GitHubError) as raised:
             await provider.token()
@@ -461,7 +439,7 @@ async def test_an_unknown_installation_names_the_installation(keys: KeyPair) -> 
         assert "installation 99 not found for this App" in str(raised.value)
 
 
-async def test_no_secret_reaches_a_repr_or_an_error(keys: KeyPair) -> None:
+async def test_no_secret_reaches_a_repr_or_an_error(keys: AppKeyPair) -> None:
     recorder = Recorder()
     async with (
         app_simulator(keys) as sim,
@@ -474,7 +452,7 @@ async def test_no_secret_reaches_a_repr_or_an_error(keys: KeyPair) -> None:
         secrets = recorder.secrets()
         assert len(secrets) >= 3  # the JWT, the token as received, the token as sent
         for text in (repr(provider), str(provider), repr(raised.value), str(raised.value)):
-            assert_no_secrets(text, *secrets, *keys.secret_fragments())
+            assert_no_secrets(text, *secrets, *secret_fragments(keys))
         assert "installation_id=7" in repr(provider)
 
 
@@ -484,7 +462,7 @@ async def test_no_secret_reaches_a_repr_or_an_error(keys: KeyPair) -> None:
 
 
 def mock_provider(
-    keys: KeyPair, handler: Callable[[httpx.Request], httpx.Response]
+    keys: AppKeyPair, handler: Callable[[httpx.Request], httpx.Response]
 ) -> InstallationTokenProvider:
     return InstallationTokenProvider(
         "https://api.example.test",
@@ -496,7 +474,7 @@ def mock_provider(
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 429])
-async def test_exchange_server_errors_are_retryable(keys: KeyPair, status: int) -> None:
+async def test_exchange_server_errors_are_retryable(keys: AppKeyPair, status: int) -> None:
     provider = mock_provider(keys, lambda request: httpx.Response(status, json={"message": "boom"}))
     with pytest.raises(GitHubError) as raised:
         await provider.token()
@@ -504,7 +482,7 @@ async def test_exchange_server_errors_are_retryable(keys: KeyPair, status: int) 
     assert raised.value.status == status and raised.value.retryable
 
 
-async def test_exchange_transport_errors_are_retryable(keys: KeyPair) -> None:
+async def test_exchange_transport_errors_are_retryable(keys: AppKeyPair) -> None:
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
@@ -515,7 +493,7 @@ async def test_exchange_transport_errors_are_retryable(keys: KeyPair) -> None:
     assert raised.value.status is None and raised.value.retryable
 
 
-async def test_a_malformed_token_response_does_not_echo_the_token(keys: KeyPair) -> None:
+async def test_a_malformed_token_response_does_not_echo_the_token(keys: AppKeyPair) -> None:
     leaked = "ghs_this-must-not-appear-anywhere"
     provider = mock_provider(
         keys, lambda request: httpx.Response(201, json={"token": leaked, "expires_at": "soon"})
@@ -527,7 +505,7 @@ async def test_a_malformed_token_response_does_not_echo_the_token(keys: KeyPair)
     assert_no_secrets(str(raised.value) + repr(raised.value), leaked)
 
 
-async def test_an_error_body_echoing_the_jwt_is_redacted(keys: KeyPair) -> None:
+async def test_an_error_body_echoing_the_jwt_is_redacted(keys: AppKeyPair) -> None:
     seen: list[str] = []
 
     def echo(request: httpx.Request) -> httpx.Response:

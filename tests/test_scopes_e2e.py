@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from temporalio.client import Client
 
 from mayfly import search_attributes
@@ -34,6 +32,7 @@ from mayfly.models import RunnerJobResult, job_workflow_id
 from mayfly.sealing import Sealer
 from mayfly.serving import serve
 from simulator import GitHubSimulator
+from simulator.app_keys import generate_app_key
 
 APP_ID = 5150
 LINUX = ["self-hosted", "linux"]
@@ -68,22 +67,10 @@ class Deployment:
         return result, str(attributes[search_attributes.POOL.name][0])
 
 
-def _app_key() -> tuple[str, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-    public = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return private, public
-
-
 @pytest.fixture
 async def deployment(client: Client, task_queue: str, tmp_path: Path) -> AsyncIterator[Deployment]:
-    private_pem, public_pem = _app_key()
+    keys = generate_app_key()
+    private_pem, public_pem = keys.private_pem, keys.public_pem
     webhook_secret = secrets.token_hex(32)
     pat = secrets.token_urlsafe(16)
     # Two scopes get the same job ids: their workflows must still not meet.

@@ -22,8 +22,6 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -32,6 +30,7 @@ from starlette.routing import Route
 from mayfly.signing import signature_256
 from simulator import ApiError, BackgroundServer, FaultConfig, GitHubSimulator
 from simulator import runner as runner_program
+from simulator.app_keys import generate_app_key
 from simulator.jitconfig import decode as decode_jit
 from simulator.jitconfig import encode as encode_jit
 
@@ -768,13 +767,9 @@ async def test_org_runners_serve_every_repository(receiver: Receiver) -> None:
 
 
 async def test_app_deliveries_name_the_installation(receiver: Receiver) -> None:
-    public_pem = (
-        rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        .public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    async with org_sim(receiver, app_id=77, app_public_key_pem=public_pem, installation_id=4242) as (sim, _):
+    async with org_sim(
+        receiver, app_id=77, app_public_key_pem=generate_app_key().public_pem, installation_id=4242
+    ) as (sim, _):
         job_id = sim.queue_job(["self-hosted"], 0.0, repo="gadgets")
         await receiver.wait_for(lambda: bool(receiver.for_job(job_id)))
         payload = receiver.for_job(job_id)[0].payload

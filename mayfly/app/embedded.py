@@ -14,8 +14,6 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
@@ -38,6 +36,7 @@ from mayfly.models import SemaphoreStatus, job_workflow_id, semaphore_workflow_i
 from mayfly.sealing import Sealer
 from mayfly.serving import RunningServer, serve
 from simulator import FaultConfig, GitHubSimulator
+from simulator.app_keys import generate_app_key
 
 DEMO_POOL = "demo"
 DEMO_APP_ID = 424242
@@ -92,15 +91,8 @@ class EmbeddedStack:
         self._app_key_pem: str | None = None
         public_pem: str | None = None
         if use_github_app:
-            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            self._app_key_pem = key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ).decode()
-            public_pem = (
-                key.public_key()
-                .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-                .decode()
-            )
+            keys = generate_app_key()
+            self._app_key_pem, public_pem = keys.private_pem, keys.public_pem
         self.simulator = GitHubSimulator(
             token=token,
             webhook_secret=webhook_secret,
