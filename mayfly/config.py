@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     Field,
     PrivateAttr,
@@ -151,15 +152,25 @@ class PoolSettings(BaseModel):
         return all(label.lower() in mine for label in job_labels)
 
 
-def _owner_name(value: str | None) -> str | None:
-    if value is not None and not REPOSITORY.match(value):
+def _owner_name(value: str) -> str:
+    if not REPOSITORY.match(value):
         raise ValueError("must look like 'owner/name'")
     return value
 
 
+def _api_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return value.rstrip("/")
+
+
+RepositoryName = Annotated[str, AfterValidator(_owner_name)]
+ApiUrl = Annotated[str, AfterValidator(_api_url)]
+
+
 class GitHubSettings(BaseModel):
-    api_url: str = "https://api.github.com"
-    repository: str | None = None
+    api_url: ApiUrl = "https://api.github.com"
+    repository: RepositoryName | None = None
     organization: str | None = None
     # Either a PAT (token) or a GitHub App (app_id + installation_id + private key).
     token: SecretStr | None = None
@@ -174,18 +185,6 @@ class GitHubSettings(BaseModel):
     # GitHub calls run on their own task queue with a server-side rate limit, so a burst of
     # jobs becomes a steady trickle of registration calls instead of a burst of 502s.
     max_calls_per_second: float = Field(default=10.0, gt=0)
-
-    @field_validator("api_url")
-    @classmethod
-    def _url_has_scheme(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
-
-    @field_validator("repository")
-    @classmethod
-    def _repo_is_owner_name(cls, value: str | None) -> str | None:
-        return _owner_name(value)
 
     @field_validator("webhook_secret")
     @classmethod
@@ -234,27 +233,15 @@ class ScopeSettings(BaseModel):
     from `[github]`."""
 
     name: str = Field(pattern=SCOPE_NAME)
-    repository: str | None = None
+    repository: RepositoryName | None = None
     organization: str | None = Field(default=None, pattern=r"^[\w.-]{1,39}$")
     # GitHub Enterprise Server: its API, e.g. https://ghe.example.com/api/v3.
-    api_url: str | None = None
+    api_url: ApiUrl | None = None
     token: SecretStr | None = None
     installation_id: int | None = Field(default=None, ge=1)
     runner_group_id: int | None = Field(default=None, ge=1)
     # The scope's own throttle: its calls run on their own rate-limited task queue.
     max_calls_per_second: float | None = Field(default=None, gt=0)
-
-    @field_validator("repository")
-    @classmethod
-    def _repo_is_owner_name(cls, value: str | None) -> str | None:
-        return _owner_name(value)
-
-    @field_validator("api_url")
-    @classmethod
-    def _url_has_scheme(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/") if value else value
 
     @model_validator(mode="after")
     def _one_target_one_credential(self) -> ScopeSettings:
