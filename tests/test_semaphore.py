@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
 
 import pytest
+from temporalio import activity
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import CancelledError
 from temporalio.service import RPCError, RPCStatusCode
@@ -21,10 +22,12 @@ from bench.slot_holder import GrantSinkWorkflow, HolderInput, Ledger, SlotHolder
 from mayfly.devserver import temporal_cli
 from mayfly.models import (
     AcquireRequest,
+    RecheckOutcome,
     ReleaseRequest,
     SemaphoreInput,
     SemaphoreStatus,
     SemaphoreTerms,
+    SlotRecheck,
     semaphore_workflow_id,
 )
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
@@ -350,3 +353,46 @@ async def test_thousands_of_waiters_are_granted_in_fifo_across_continue_as_new(
     assert history.harmful_task_failures == []
     # Thousands of waiters are carried packed; unpacked they would be ~250 bytes each.
     assert max(run.input_bytes for run in history.runs) < waiters * 100
+
+
+async def test_a_released_slot_is_never_rechecked_again(client: Client, task_queue: str) -> None:
+    # The holder's recheck is in flight (a slow semaphore) when the lease is released. Cancelling
+    # it must end the lease's watcher; otherwise the watcher goes on rechecking, and re-asserting,
+    # a slot it gave back, while the workflow holds its next one.
+    pool = f"recheck-{task_queue}"
+    calls: list[tuple[str, float]] = []
+
+    @activity.defn(name="slots.recheck")
+    async def slow_recheck(check: SlotRecheck) -> RecheckOutcome:
+        calls.append((check.slot.acquire.request_id, time.monotonic()))
+        while True:  # until cancelled: the semaphore never answers
+            activity.heartbeat()
+            await asyncio.sleep(0.1)
+
+    ledger = Ledger()
+    slots = SlotActivities({}, {pool: SemaphoreTerms(capacity=1, reap_interval_s=0.1)})
+    async with Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[SlotSemaphoreWorkflow, SlotHolderWorkflow],
+        activities=[
+            slots.request,
+            slots.release,
+            slots.had_earlier_run,
+            slots.reclaim_dead_holders,
+            slow_recheck,
+            ledger.enter,
+            ledger.exit,
+        ],
+    ):
+        handle = await client.start_workflow(
+            SlotHolderWorkflow.run,
+            HolderInput(pool=pool, hold_s=2.0, cycles=2),
+            id=f"{pool}-holder",
+            task_queue=task_queue,
+        )
+        await handle.result()
+    first = next(iter(sorted(ledger.exited_at, key=len)))
+    assert calls and calls[0][0] == first, "the first slot's recheck was in flight while it was held"
+    stale = [at for request_id, at in calls if request_id == first and at > ledger.exited_at[first]]
+    assert stale == [], f"{len(stale)} rechecks of the first slot after its release"

@@ -25,7 +25,7 @@ from types import TracebackType
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from activities.slots import SlotActivities
@@ -210,6 +210,10 @@ class SlotLease:
                 summary="recheck the semaphore knows this slot",
             )
         except ActivityError as error:
+            if is_cancelled_exception(error):
+                # The release (or the workflow's cancel) stopped it: swallowing that would let
+                # the watcher go on rechecking, and re-asserting, a slot given back.
+                raise
             # The next recheck tries again; a lease must not fail its workflow over this.
             workflow.logger.warning("slot recheck failed: %s", error)
 
