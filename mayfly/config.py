@@ -6,6 +6,7 @@ import os
 import re
 import socket
 import sys
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -35,6 +36,9 @@ REPOSITORY = re.compile(r"^[\w.-]+/[\w.-]+$")
 # HMAC and HKDF inputs shorter than the hash's output weaken them; 32 bytes also rules out
 # the empty string an unset environment variable leaves behind.
 MIN_SECRET_BYTES = 32
+# The file load_settings was given: named for one construction, so loading one file never
+# leaks into settings built later in the same process (as MAYFLY_CONFIG in os.environ would).
+_config_file: ContextVar[Path | None] = ContextVar("mayfly_config_file", default=None)
 
 
 def require_strong_secret(value: SecretStr | None) -> SecretStr | None:
@@ -449,7 +453,7 @@ class MayflySettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        path = os.environ.get("MAYFLY_CONFIG")
+        path = _config_file.get() or os.environ.get("MAYFLY_CONFIG")
         if path:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
         return tuple(sources)
@@ -521,11 +525,13 @@ def load_settings(config_path: Path | None = None) -> MayflySettings:
     if config_path is not None:
         if not config_path.is_file():
             raise ConfigError(f"config file not found: {config_path}")
-        os.environ["MAYFLY_CONFIG"] = str(config_path)
+    token = _config_file.set(config_path)
     try:
         return MayflySettings()
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error)) from None
+    finally:
+        _config_file.reset(token)
 
 
 def load_settings_or_report(config_path: Path | None) -> MayflySettings | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -245,3 +246,19 @@ def test_routing_takes_the_pool_with_fewest_extra_labels_and_breaks_ties_by_orde
     )
     pool = settings.pool_for(job_labels)
     assert (pool.name if pool else None) == expected
+
+
+def test_loading_a_file_does_not_leak_into_settings_built_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CI once failed a later test's in-code settings because an earlier load left its file's
+    # github.token merged into them through the process environment.
+    monkeypatch.delenv("MAYFLY_CONFIG", raising=False)
+    assert load_settings(write(tmp_path, GOOD)).github.repository == "acme/widgets"
+    assert "MAYFLY_CONFIG" not in os.environ
+    later = MayflySettings(
+        github={"organization": "globex", "token": "t" * 8},
+        pools=[{"name": "cpu", "labels": ["linux"], "max_runners": 1}],
+    )
+    assert later.github.repository is None
+    assert later.github.organization == "globex"
