@@ -25,6 +25,8 @@ class HolderInput(BaseModel):
     hold_s: float = 0.0
     # More than one cycle takes and returns a slot repeatedly, as a busy pool sees it.
     cycles: int = 1
+    # Ask in the semaphore's front lane, as a job whose runner went to another job does.
+    front: bool = False
 
 
 @dataclass
@@ -87,7 +89,7 @@ class SlotHolderWorkflow:
     @workflow.run
     async def run(self, params: HolderInput) -> None:
         for cycle in range(params.cycles):
-            async with SlotLease(params.pool, key=str(cycle) if cycle else "") as lease:
+            async with SlotLease(params.pool, key=str(cycle) if cycle else "", front=params.front) as lease:
                 self._request_id = lease.request_id
                 await lease.acquire()
                 await self._hold(lease.request_id, params.hold_s)

@@ -130,6 +130,8 @@ class AcquireRequest(BaseModel):
     # Compared on liveness checks, so a reset or reused workflow id is not mistaken for the holder.
     holder_run_id: str
     requested_at: datetime
+    # Served before every request without it (see `mayfly.slot_queue.WaiterQueue`).
+    front: bool = False
 
 
 class ReleaseRequest(BaseModel):

@@ -13,6 +13,7 @@ import itertools
 import json
 import zlib
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from mayfly.models import AcquireRequest
@@ -24,57 +25,66 @@ RECENTLY_RELEASED_KEPT = 2_000
 
 
 class WaiterQueue:
-    """FIFO of acquire requests, indexed by request id (an OrderedDict: O(1) append, pop, remove)."""
+    """FIFO of acquire requests, indexed by request id, in two lanes: O(1) append, pop, remove.
+
+    The front lane is for jobs asking again because a runner of theirs went to another job
+    (runners are not bound to jobs). Such a job already waited its turn once, and the job its
+    runner took leaves the queue in exchange; at the back it would wait for the whole backlog
+    a second time and become the run's tail.
+    """
 
     def __init__(self, waiters: list[AcquireRequest] | None = None, limit: int = MAX_QUEUED_WAITERS) -> None:
         self._limit = limit
-        self._waiters: OrderedDict[str, AcquireRequest] = OrderedDict(
-            (waiter.request_id, waiter) for waiter in waiters or []
-        )
+        self._front: OrderedDict[str, AcquireRequest] = OrderedDict()
+        self._back: OrderedDict[str, AcquireRequest] = OrderedDict()
+        for waiter in waiters or []:
+            self._lane(waiter)[waiter.request_id] = waiter
 
     def __len__(self) -> int:
-        return len(self._waiters)
+        return len(self._front) + len(self._back)
 
     def __contains__(self, request_id: str) -> bool:
-        return request_id in self._waiters
+        return request_id in self._front or request_id in self._back
+
+    def _lane(self, request: AcquireRequest) -> OrderedDict[str, AcquireRequest]:
+        return self._front if request.front else self._back
 
     def push(self, request: AcquireRequest) -> bool:
         """False when the queue is full; a duplicate is a no-op that reports True."""
-        if request.request_id in self._waiters:
+        if request.request_id in self:
             return True
-        if len(self._waiters) >= self._limit:
+        if len(self) >= self._limit:
             return False
-        self._waiters[request.request_id] = request
+        self._lane(request)[request.request_id] = request
         return True
 
     def pop_first(self) -> AcquireRequest:
-        return self._waiters.popitem(last=False)[1]
+        return (self._front or self._back).popitem(last=False)[1]
 
     def remove(self, request_id: str) -> None:
-        self._waiters.pop(request_id, None)
+        self._front.pop(request_id, None)
+        self._back.pop(request_id, None)
+
+    def _in_order(self) -> Iterator[AcquireRequest]:
+        return itertools.chain(self._front.values(), self._back.values())
 
     def head(self, count: int) -> list[str]:
-        ids: list[str] = []
-        for request_id in self._waiters:
-            if len(ids) >= count:
-                break
-            ids.append(request_id)
-        return ids
+        return [request.request_id for request in self.first(count)]
 
     def first(self, count: int) -> list[AcquireRequest]:
-        """The `count` oldest waiters: O(count), whatever the backlog."""
-        return list(itertools.islice(self._waiters.values(), count))
+        """The `count` next waiters: O(count), whatever the backlog."""
+        return list(itertools.islice(self._in_order(), count))
 
     def position_of(self, holder_workflow_id: str) -> int | None:
         """1-based place in the queue of that workflow's first request. A scan: for an operator's
         question, never for a signal handler."""
-        for place, request in enumerate(self._waiters.values(), start=1):
+        for place, request in enumerate(self._in_order(), start=1):
             if request.holder_workflow_id == holder_workflow_id:
                 return place
         return None
 
     def all(self) -> list[AcquireRequest]:
-        return list(self._waiters.values())
+        return list(self._in_order())
 
 
 class ReleasedMemory:
@@ -110,7 +120,8 @@ def pack(waiters: WaiterQueue, released: ReleasedMemory) -> str:
     waiter costs about 40 bytes instead of the ~250 of a serialised `AcquireRequest`.
     """
     rows = [
-        [w.request_id, w.holder_workflow_id, w.holder_run_id, _to_ms(w.requested_at)] for w in waiters.all()
+        [w.request_id, w.holder_workflow_id, w.holder_run_id, _to_ms(w.requested_at), int(w.front)]
+        for w in waiters.all()
     ]
     raw = json.dumps({"w": rows, "r": released.all()}, separators=(",", ":")).encode()
     return base64.b64encode(zlib.compress(raw, 6)).decode("ascii")
@@ -122,7 +133,11 @@ def unpack(packed: str) -> tuple[list[AcquireRequest], list[str]]:
     data = json.loads(zlib.decompress(base64.b64decode(packed)))
     waiters = [
         AcquireRequest.model_construct(
-            request_id=row[0], holder_workflow_id=row[1], holder_run_id=row[2], requested_at=_from_ms(row[3])
+            request_id=row[0],
+            holder_workflow_id=row[1],
+            holder_run_id=row[2],
+            requested_at=_from_ms(row[3]),
+            front=bool(row[4]),
         )
         for row in data["w"]
     ]

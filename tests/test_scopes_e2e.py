@@ -200,13 +200,20 @@ async def test_each_scope_is_served_by_its_pools_with_its_credential_and_swept(
     # The arm pool covers these labels, but it does not serve acme; nothing else covers them.
     unserved = sims["acme"].queue_job(ARM, 0.5)
 
+    pool_of_job = {(scope, job_id): pool for scope, job_id, pool in queued}
     for scope, job_id, expected_pool in queued:
         result, pool = await deployment.served(scope, job_id)
         assert pool == pools[expected_pool], (scope, job_id)
-        assert result.outcome == "served" and result.served_by is not None
-        # The job's own runner registered where its scope lives, with its pool's labels and group.
-        runner = f"{deployment.settings.runner_prefix(scope)}-{job_id}-a1"
-        assert sims[scope].runner_group_of(runner) == (ARM_GROUP if expected_pool == "arm" else 1)
+        # Runners are not bound to jobs: an acme GPU runner may take an acme Linux job, whose
+        # own workflow then reports it served elsewhere. Either way by a runner of this scope.
+        assert result.outcome in ("served", "served-elsewhere"), (scope, job_id, result)
+        runner = sims[scope].job(job_id).runner_name
+        prefix = deployment.settings.runner_prefix(scope)
+        assert runner is not None and runner.startswith(f"{prefix}-"), (scope, job_id, runner)
+        assert result.served_by in (runner, None)
+        # It registered where its scope lives, in the group of the pool that started it.
+        owner_pool = pool_of_job[scope, int(runner.split("-")[1])]
+        assert sims[scope].runner_group_of(runner) == (ARM_GROUP if owner_pool == "arm" else 1)
         assert sims[scope].job(job_id).status == "completed"
     # The CLI's views tell the scopes apart, even for one job id in two of them.
     client, settings = deployment.client, deployment.settings

@@ -63,11 +63,12 @@ async def start_holder(
     capacity: int,
     hold_s: float,
     reap_interval_s: float = 2.0,
+    front: bool = False,
 ) -> WorkflowHandle[SlotHolderWorkflow, None]:
     POOL_TERMS[pool] = SemaphoreTerms(capacity=capacity, reap_interval_s=reap_interval_s)
     return await client.start_workflow(
         SlotHolderWorkflow.run,
-        HolderInput(pool=pool, hold_s=hold_s),
+        HolderInput(pool=pool, hold_s=hold_s, front=front),
         id=f"{pool}-{name}",
         task_queue=task_queue,
     )
@@ -178,6 +179,25 @@ async def test_duplicate_and_out_of_order_signals_are_harmless(
     final = await until_status(client, pool_name, lambda s: not s.holders and not s.waiters)
     assert ledger.max_seen == 1 and ledger.entries == 2  # a and b held; c never did
     assert final.granted_total == 2
+
+
+async def test_a_front_lane_waiter_is_served_before_the_waiters_queued_earlier(
+    client: Client, task_queue: str, pool_name: str, ledger: Ledger
+) -> None:
+    a = await start_holder(client, task_queue, pool_name, "a", capacity=1, hold_s=3600)
+    await ledger.until(lambda: ledger.entries == 1, within_s=30)
+    back = [await start_holder(client, task_queue, pool_name, name, capacity=1, hold_s=0) for name in "bc"]
+    await until_status(client, pool_name, lambda s: len(s.waiters) == 2)
+    front = await start_holder(client, task_queue, pool_name, "f", capacity=1, hold_s=0, front=True)
+    front_id = await front.query(SlotHolderWorkflow.request_id)
+    queued = await until_status(client, pool_name, lambda s: len(s.waiters) == 3)
+    assert queued.waiters[0] == front_id
+
+    await a.cancel()
+    for handle in (front, *back):
+        assert await outcome(handle) == "completed"
+    assert sorted(queued.waiters, key=ledger.entered_at.__getitem__) == queued.waiters
+    assert ledger.max_seen == 1
 
 
 async def test_a_terminated_holder_loses_its_slot_to_the_next_waiter(

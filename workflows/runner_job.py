@@ -448,7 +448,8 @@ class RunnerJobWorkflow:
         # A released request id is never granted again (the semaphore remembers it, so a late
         # duplicate cannot take a slot nobody gives back): each slot in turn gets its own key.
         key = "" if self._leases_taken == 1 else f"slot{self._leases_taken}"
-        unit = _SlotUnit(lease=SlotLease(self._params.job.pool, key=key))
+        # A job asking again had its runner taken by another job, which left the queue for it.
+        unit = _SlotUnit(lease=SlotLease(self._params.job.pool, key=key, front=self._leases_taken > 1))
         self._lease = unit.lease
         held = asyncio.create_task(self._hold(unit))
         try:
