@@ -54,7 +54,7 @@ from mayfly.models import (
 from mayfly.process import stop_on_signals
 from mayfly.sealing import Sealer
 from mayfly.serving import serve
-from mayfly.temporal import connect
+from mayfly.temporal import WORKFLOW_RUNNER, connect
 from mayfly.warm import CONFIGURE_SIGNAL as WARM_CONFIGURE_SIGNAL
 from mayfly.warm import WarmPoolConfig, WarmPoolInput, warm_pool_workflow_id
 from workflows.host_sweeper import HostSweeperInput, HostSweeperWorkflow
@@ -129,6 +129,7 @@ def build_workers(
         # from its holders' re-assertions, a failed job workflow's slot is reclaimed and its
         # job restarted by the reconciler. There is no release yet to version against.
         workflow_failure_exception_types=[NondeterminismError],
+        workflow_runner=WORKFLOW_RUNNER,
         # wait_exit and terminate stay here for refs that name no queue (made before host queues).
         activities=[
             container_activities.spawn,
