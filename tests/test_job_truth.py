@@ -185,6 +185,13 @@ async def test_cancel_in_every_phase_tears_down_in_order_and_ends_cancelled(
         assert await terminated_before_release(handle), "the slot went back before the container was gone"
     if cancel_in is JobPhase.RUNNING:
         assert sim.job(job_id).conclusion == "success", "a busy runner finishes its job before it is stopped"
+        # Refused once while busy; once it has run its job and exited, GitHub has removed it.
+        deletes = {
+            status: n
+            for key, n in sim.calls.items()
+            if key.startswith("DELETE ") and (status := key.rsplit(" ", 1)[1]).isdigit()
+        }
+        assert deletes == {"422": 1}, deletes
     if holder is not None:
         await job_handle(stack, holder).result()
     # A mint cancelled while GitHub was still acting on it may register the runner after the

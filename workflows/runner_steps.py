@@ -190,7 +190,8 @@ async def deregister_letting_a_job_finish(
     """Deregister before terminating: an idle runner then takes no job while it is stopped.
 
     GitHub refuses to delete a busy runner: it took a job after all, so that job is let finish
-    (within the runner's lifetime) and deregistration tried again. Returns the exit watcher
+    (within the runner's lifetime) and deregistration tried again, unless the runner then
+    exited cleanly. Returns the exit watcher
     (started here if the caller had none) and why deregistration failed, if it did: the caller
     terminates anyway, and a registration left behind goes offline and is swept."""
     while True:
@@ -214,6 +215,10 @@ async def deregister_letting_a_job_finish(
             )
         except TimeoutError:
             pass
+        if exit_code(exit_task) == 0:
+            # It finished the job it took and its listener exited cleanly: GitHub has removed the
+            # ephemeral runner, and asking again would only spend an API call on a 404.
+            return exit_task, None
 
 
 async def runner_status(ref: RunnerRef, github_queue: str | None) -> RunnerStatus:

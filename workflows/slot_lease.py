@@ -190,11 +190,17 @@ class SlotLease:
 
     async def _watch_slot(self, terms: SemaphoreTerms) -> None:
         """Runs while the slot is held, until the release cancels it."""
-        while True:
-            await workflow.sleep(
-                self._jittered(holder_recheck_s(terms.reap_interval_s)), summary="recheck slot"
-            )
-            await self._recheck()
+        try:
+            while True:
+                await workflow.sleep(
+                    self._jittered(holder_recheck_s(terms.reap_interval_s)), summary="recheck slot"
+                )
+                await self._recheck()
+        except ActivityError as error:
+            # The release cancelled a recheck in flight: the watch is over. Nobody awaits this
+            # task, so raising would only log a traceback ("exception was never retrieved").
+            if not is_cancelled_exception(error):
+                raise
 
     async def _recheck(self) -> None:
         assert self._request is not None
