@@ -52,7 +52,7 @@ def job_payload(job_id: int, action: str = "queued", labels: list[str] | None = 
             "run_id": 7,
             "run_attempt": 1,
             "name": "build",
-            "labels": labels or ["self-hosted"],
+            "labels": ["self-hosted"] if labels is None else labels,
             "runner_name": None,
             "conclusion": None,
             "status": action,
@@ -153,7 +153,13 @@ async def test_bad_input_gets_a_clear_answer(client: Client, task_queue: str) ->
         assert (await post(http, other, event="issues", signature=sign(other))).status_code == 202
         unmatched = json.dumps(job_payload(930_001, labels=["gpu-a100"])).encode()
         assert (await post(http, unmatched, signature=sign(unmatched))).status_code == 202
+        # A job that targets a runner group only names no labels; every pool's labels cover
+        # none, so routing it would hand it whichever pool comes first.
+        group_only = json.dumps(job_payload(930_002, labels=[])).encode()
+        response = await post(http, group_only, signature=sign(group_only))
+        assert response.status_code == 202 and "without labels" in response.text
     assert not await workflow_exists(client, 930_001)
+    assert not await workflow_exists(client, 930_002)
 
 
 async def test_temporal_unreachable_is_503(task_queue: str) -> None:
