@@ -6,8 +6,9 @@ its teardown. Anything named after it that outlives it is an orphan.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from pydantic import BaseModel
 from temporalio import activity
@@ -25,6 +26,8 @@ from mayfly.github_errors import GitHubError, RunnerBusy
 from mayfly.models import RUNNER_JOB_WORKFLOW, JobEvent, JobInfo, job_workflow_id
 from mayfly.warm import owner_workflow_of
 
+T = TypeVar("T")
+
 
 class SweepReport(BaseModel):
     checked: int = 0
@@ -32,6 +35,18 @@ class SweepReport(BaseModel):
     busy: list[str] = []
     recovered: list[str] = []
     gave_up: list[str] = []
+
+
+async def orphans(report: SweepReport, named: Iterable[tuple[T, str, str | None]]) -> AsyncIterator[T]:
+    """The items (each with its name and owning workflow id, None if not ours) whose owner has
+    closed; counted as checked, with a heartbeat each, so a long sweep shows its progress."""
+    for item, name, owner in named:
+        if owner is None:
+            continue
+        report.checked += 1
+        activity.heartbeat(name)
+        if not await owner_running(owner):
+            yield item
 
 
 class SweepActivities:
@@ -56,13 +71,9 @@ class SweepActivities:
         if backend is None:
             return report
         try:
-            for record in await backend.list():
-                if record.state is not ContainerState.RUNNING:
-                    continue
-                report.checked += 1
-                activity.heartbeat(record.name)
-                if await owner_running(record.owner_workflow_id):
-                    continue
+            records = await backend.list()
+            running = [(r, r.name, r.owner_workflow_id) for r in records if r.state is ContainerState.RUNNING]
+            async for record in orphans(report, running):
                 activity.logger.warning(
                     "terminating orphan container %s of %s", record.name, record.owner_workflow_id
                 )
@@ -79,15 +90,8 @@ class SweepActivities:
         github = self._client(scope)
         prefix = self._settings.runner_prefix(scope)
         try:
-            runners = await github.list_runners()
-            for runner in runners:
-                owner = owner_workflow_of(runner.name, prefix)
-                if owner is None:
-                    continue  # not ours: never touch another system's runners
-                report.checked += 1
-                activity.heartbeat(runner.name)
-                if await owner_running(owner):
-                    continue
+            named = [(r, r.name, owner_workflow_of(r.name, prefix)) for r in await github.list_runners()]
+            async for runner in orphans(report, named):
                 try:
                     await github.delete_runner(runner.id)
                 except RunnerBusy:

@@ -27,7 +27,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from mayfly.models import DEFAULT_SCOPE
+from mayfly.models import DEFAULT_SCOPE, RunnerRecipe
 
 POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 # A scope's name is also its runners' name prefix and part of its workflow ids.
@@ -468,6 +468,21 @@ class MayflySettings(BaseSettings):
 
     def runner_prefix(self, scope: str) -> str:
         return self._github_scopes[scope].runner_name_prefix
+
+    def runner_recipe(self, pool: PoolSettings, scope: str) -> RunnerRecipe:
+        """How `pool` makes its runners for jobs of `scope`, for job and warm runners alike."""
+        return RunnerRecipe(
+            pool=pool.name,
+            labels=pool.labels,
+            scope=scope,
+            runner_group_id=pool.runner_group_id,
+            runner_name_prefix=self.runner_prefix(scope),
+            github_task_queue=self.temporal.github_queue(scope),
+            registration_timeout_s=pool.registration_timeout_s,
+            registration_poll_s=pool.registration_poll_s,
+            max_lifetime_s=pool.max_lifetime_s,
+            status_check_interval_s=self.job_status_check_interval_s,
+        )
 
     def pool_for(self, job_labels: list[str], scope: str = DEFAULT_SCOPE) -> PoolSettings | None:
         """The most specific pool whose labels cover the job's: the one with the fewest labels

@@ -55,17 +55,10 @@ class JobDispatcher:
     def workflow_input(self, job: JobInfo, pool: PoolSettings) -> RunnerJobInput:
         return RunnerJobInput(
             job=job.model_copy(update={"pool": pool.name}),
-            runner_group_id=pool.runner_group_id,
-            pool_labels=pool.labels,
-            registration_timeout_s=pool.registration_timeout_s,
-            registration_poll_s=pool.registration_poll_s,
+            recipe=self._settings.runner_recipe(pool, job.scope),
             max_registration_attempts=pool.max_registration_attempts,
             idle_ttl_s=pool.idle_ttl_s,
-            max_lifetime_s=pool.max_lifetime_s,
-            runner_name_prefix=self._settings.runner_prefix(job.scope),
-            github_task_queue=self._settings.temporal.github_queue(job.scope),
             job_deadline_s=self._settings.job_deadline_s,
-            status_check_interval_s=self._settings.job_status_check_interval_s,
         )
 
     async def dispatch(

@@ -72,24 +72,41 @@ class RunnerJobCarry(BaseModel):
     runner_s: float = 0.0
 
 
-class RunnerJobInput(BaseModel):
-    job: JobInfo
-    pool_labels: list[str]
-    registration_timeout_s: float
-    max_registration_attempts: int
-    registration_poll_s: float = Field(default=10.0, gt=0)
-    idle_ttl_s: float
-    max_lifetime_s: float
-    runner_name_prefix: str = "mayfly"
+class RunnerRecipe(BaseModel):
+    """How a pool makes and watches its runners: the same for a job's runners and warm ones."""
+
+    pool: str
+    labels: list[str]
+    scope: str = DEFAULT_SCOPE
     # The pool's runner group; None: the scope's.
     runner_group_id: int | None = None
+    runner_name_prefix: str = "mayfly"
     # Empty means the workflow's own task queue (no separate throttle).
     github_task_queue: str = ""
+    registration_timeout_s: float
+    registration_poll_s: float = Field(default=10.0, gt=0)
+    max_lifetime_s: float
+    # While waiting long (for approval, a slot or a job for an idle runner) a workflow asks
+    # GitHub this often whether it still needs a runner: webhooks can be lost.
+    status_check_interval_s: float = Field(default=300.0, gt=0)
+
+    def mint_request(self, runner_name: str) -> MintRequest:
+        return MintRequest(
+            pool=self.pool,
+            runner_name=runner_name,
+            labels=self.labels,
+            scope=self.scope,
+            runner_group_id=self.runner_group_id,
+        )
+
+
+class RunnerJobInput(BaseModel):
+    job: JobInfo
+    recipe: RunnerRecipe
+    max_registration_attempts: int
+    idle_ttl_s: float
     # GitHub cancels a job that stayed queued for 24 h; past this the workflow gives up too.
     job_deadline_s: float = Field(default=24 * 3600.0, gt=0)
-    # While waiting long (for approval, a slot or a job for its idle runner) the workflow asks
-    # GitHub this often whether its job still needs a runner: webhooks can be lost.
-    status_check_interval_s: float = Field(default=300.0, gt=0)
     carry: RunnerJobCarry | None = None
 
 

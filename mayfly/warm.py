@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from mayfly.models import DEFAULT_SCOPE, job_workflow_id, owner_job_of
+from mayfly.models import RunnerRecipe, job_workflow_id, owner_job_of
 
 WARM_POOL_WORKFLOW = "WarmPool"
 WARM_RUNNER_WORKFLOW = "WarmRunner"
@@ -60,22 +60,11 @@ def owner_workflow_of(runner_name: str, prefix: str) -> str | None:
 
 
 class WarmPoolConfig(BaseModel):
-    """What a worker start hands the pool's warm-pool workflow; a new `min_idle` grows or drains it."""
+    """What a worker start hands the pool's warm-pool workflow; a new `min_idle` grows or drains it.
+    A warm pool serves one scope (its recipe's): its runners register there."""
 
-    pool: str
-    labels: list[str]
+    recipe: RunnerRecipe
     min_idle: int = Field(ge=0)
-    registration_timeout_s: float
-    registration_poll_s: float = Field(default=10.0, gt=0)
-    max_lifetime_s: float
-    runner_name_prefix: str = "mayfly"
-    github_task_queue: str = ""
-    # A warm pool serves one scope: its runners register there.
-    scope: str = DEFAULT_SCOPE
-    runner_group_id: int | None = None
-    # How often an idle warm runner asks GitHub whether it took a job: the webhook that says so
-    # may be lost, and a busy runner no longer counts as idle.
-    status_check_interval_s: float = Field(default=300.0, gt=0)
 
 
 WarmRunnerPhase = Literal["starting", "idle", "busy", "gone"]
@@ -95,7 +84,7 @@ class WarmRunnerReport(BaseModel):
 class WarmRunnerInput(BaseModel):
     runner_name: str
     pool_workflow_id: str
-    config: WarmPoolConfig
+    recipe: RunnerRecipe
 
 
 class WarmRunnerResult(BaseModel):

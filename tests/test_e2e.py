@@ -59,7 +59,8 @@ async def test_ten_jobs_cap_three_all_run_and_nothing_leaks(
     semaphore = await stack.semaphore_status()
     assert semaphore.holders == [] and semaphore.waiters == []
     assert semaphore.granted_total >= len(job_ids)
-    assert [r.name for r in await stack.backend.list() if r.state is ContainerState.RUNNING] == []
+    running = [r.name for r in await stack.backend.list() if r.state is ContainerState.RUNNING]
+    assert running == []
     assert probe.held_now() == 0, "a runner process is still alive"
     assert stack.simulator.runners() == [], "registrations left in GitHub"
 

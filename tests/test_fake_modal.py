@@ -117,7 +117,8 @@ async def test_set_tags_replaces_the_whole_set(fake: FakeModal, app: modal.App) 
     sb = await modal.Sandbox.create.aio(app=app, tags={"job_id": "1", "pool": "p"})
     await sb.set_tags.aio({"job_id": "2"})
     assert fake.sandboxes[sb.object_id].tags == {"job_id": "2"}
-    assert [s.object_id async for s in modal.Sandbox.list.aio(app_id=app.app_id, tags={"pool": "p"})] == []
+    listed = [s.object_id async for s in modal.Sandbox.list.aio(app_id=app.app_id, tags={"pool": "p"})]
+    assert listed == []
     found = [s.object_id async for s in modal.Sandbox.list.aio(app_id=app.app_id, tags={"job_id": "2"})]
     assert found == [sb.object_id]
 
@@ -203,7 +204,8 @@ async def test_terminate_gives_137_frees_the_name_and_is_idempotent(fake: FakeMo
     again = await modal.Sandbox.create.aio(app=app, name="runner-9-1", tags={"job_id": "9"})
     assert again.object_id != sb.object_id
     assert (await modal.Sandbox.from_name.aio(APP, "runner-9-1")).object_id == again.object_id
-    assert [s.object_id async for s in modal.Sandbox.list.aio(app_id=app.app_id)] == [again.object_id]
+    listed = [s.object_id async for s in modal.Sandbox.list.aio(app_id=app.app_id)]
+    assert listed == [again.object_id]
     reattached = await modal.Sandbox.from_id.aio(sb.object_id)
     assert reattached.returncode == 137
 

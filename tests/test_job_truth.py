@@ -418,13 +418,18 @@ async def test_the_next_waiters_mint_before_their_grant_and_an_unused_registrati
     # registration behind.
     stack = await stack_factory(max_runners=2)
     sim = stack.simulator
-    jobs = stack.queue_jobs(4, duration_s=3.0)
-    # Two jobs hold the slots; the other two wait, each with a registered runner of its own.
+    # Two jobs hold the slots, their runners busy with them. Queued later, the other two cannot
+    # be taken by those runners (CI once saw the holders' runners take older waiting jobs first).
+    holders = stack.queue_jobs(2, duration_s=6.0)
+    await sim.wait_for(lambda: all(sim.job(job_id).status == "in_progress" for job_id in holders), 30)
+    waiting = stack.queue_jobs(2, duration_s=3.0)
+    jobs = holders + waiting
+    # The two waiters each register a runner of their own before any slot is theirs.
     await sim.wait_for(
-        lambda: {f"mayfly-{job_id}-a1" for job_id in jobs} <= {r.name for r in sim.runners()}, 30
+        lambda: {f"mayfly-{job_id}-a1" for job_id in waiting} <= {r.name for r in sim.runners()}, 30
     )
-    waiting = [job_id for job_id in jobs if await phase(stack, job_id) is JobPhase.WAITING_FOR_SLOT]
-    assert len(waiting) == 2, waiting
+    phases = [await phase(stack, job_id) for job_id in waiting]
+    assert phases == [JobPhase.WAITING_FOR_SLOT] * 2
     served, cancelled = waiting
     sim.cancel_job(cancelled)
     async with asyncio.timeout(60):

@@ -57,7 +57,8 @@ async def test_spawn_twice_adopts_and_another_owner_is_refused(tmp_path: Path) -
     )
     try:
         assert again.backend_id == first.backend_id
-        assert [r.name for r in await local.list()] == ["r-1"]
+        names = [r.name for r in await local.list()]
+        assert names == ["r-1"]
         with pytest.raises(NameTakenByAnother):
             await local.spawn(
                 name="r-1", owner_workflow_id="wf-b", job_id=2, jit_config=JIT, max_lifetime_s=60
@@ -133,7 +134,8 @@ async def test_a_stale_record_whose_pid_was_reused_never_touches_the_new_process
         restarted = backend(tmp_path)
         inspected = await restarted.inspect("r-5")
         assert inspected is not None and inspected.state is ContainerState.EXITED
-        assert [r.state for r in await restarted.list()] == [ContainerState.EXITED]
+        states = [r.state for r in await restarted.list()]
+        assert states == [ContainerState.EXITED]
         gone = await restarted.terminate("r-5")
         assert gone is not None and gone.state is ContainerState.EXITED
         assert alive(stranger.pid), "terminating a stale record signalled another process"

@@ -100,6 +100,7 @@ async def test_150_long_jobs_on_one_worker_are_all_spawned_and_watched(
         async with asyncio.timeout(600):
             for job_id in job_ids:
                 await client.get_workflow_handle(job_workflow_id(job_id)).result()
-        assert [r for r in await stack.backend.list() if r.state is ContainerState.RUNNING] == []
+        running = [r for r in await stack.backend.list() if r.state is ContainerState.RUNNING]
+        assert running == []
     finally:
         await stack.stop()

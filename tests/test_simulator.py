@@ -864,7 +864,8 @@ async def test_admin_http_api(sim: GitHubSimulator, api: httpx.AsyncClient) -> N
     sim.set_faults(FaultConfig())
 
     await create_jit(api, "admin-1")
-    assert [r["name"] for r in (await api.get("/_sim/runners")).json()] == ["admin-1"]
+    names = [r["name"] for r in (await api.get("/_sim/runners")).json()]
+    assert names == ["admin-1"]
 
     await sim.wait_for(deliveries_settled(sim), 5.0)
     deliveries = (await api.get("/_sim/deliveries")).json()

@@ -36,7 +36,6 @@ with workflow.unsafe.imports_passed_through():
         JobRef,
         JobStatus,
         MintedRunner,
-        MintRequest,
         RunnerJobCarry,
         RunnerJobInput,
         RunnerJobResult,
@@ -241,7 +240,7 @@ class RunnerJobWorkflow:
         self._metrics().registration_failures.add(1, {"cause": cause})
 
     def _github_queue(self) -> str | None:
-        return self._params.github_task_queue or None
+        return self._params.recipe.github_task_queue or None
 
     def _set_phase(self, phase: JobPhase, details: str) -> None:
         updates = []
@@ -425,7 +424,7 @@ class RunnerJobWorkflow:
     async def _wait_for_approval(self) -> None:
         """A job held by an environment protection rule can take no runner: hold nothing until
         it is approved, asking GitHub now and then in case the `queued` webhook is lost."""
-        interval = timedelta(seconds=self._params.status_check_interval_s)
+        interval = timedelta(seconds=self._params.recipe.status_check_interval_s)
         self._set_phase(
             JobPhase.WAITING_FOR_APPROVAL, "the job waits for a deployment approval; no slot held"
         )
@@ -480,7 +479,7 @@ class RunnerJobWorkflow:
     async def _hold_slot(self, unit: _SlotUnit) -> None:
         params = self._params
         ahead = _MintAhead(
-            runner_name_for(params.runner_name_prefix, params.job.job_id, self._runners_started + 1),
+            runner_name_for(params.recipe.runner_name_prefix, params.job.job_id, self._runners_started + 1),
             lambda ahead: self._mint_ahead(unit.lease, ahead),
         )
         try:
@@ -529,26 +528,16 @@ class RunnerJobWorkflow:
         return await self._github_call(lambda: self._start_mint(track.name))
 
     def _start_mint(self, name: str) -> Awaitable[MintedRunner]:
-        params = self._params
+        recipe = self._params.recipe
         return self._finish_despite_cancel(
-            steps.start_mint(
-                MintRequest(
-                    pool=params.job.pool,
-                    runner_name=name,
-                    labels=params.pool_labels,
-                    scope=params.job.scope,
-                    runner_group_id=params.runner_group_id,
-                ),
-                params.registration_timeout_s,
-                self._github_queue(),
-            ),
+            steps.start_mint(recipe.mint_request(name), recipe.registration_timeout_s, self._github_queue()),
             stop_it=False,
         )
 
     async def _hold_slot_runners(self, unit: _SlotUnit, ahead: _MintAhead) -> None:
         lease = unit.lease
         job = self._params.job
-        interval = timedelta(seconds=self._params.status_check_interval_s)
+        interval = timedelta(seconds=self._params.recipe.status_check_interval_s)
         self._set_phase(JobPhase.WAITING_FOR_SLOT, f"a slot in pool `{job.pool}`")
         self._check_deadline("waiting for a slot")
         while not await lease.acquire(
@@ -592,7 +581,7 @@ class RunnerJobWorkflow:
         job = params.job
         self._runners_started += 1
         track = _RunnerTrack(
-            name=runner_name_for(params.runner_name_prefix, job.job_id, self._runners_started)
+            name=runner_name_for(params.recipe.runner_name_prefix, job.job_id, self._runners_started)
         )
         self._runner = track
         self._tracks[track.name] = track
@@ -607,7 +596,9 @@ class RunnerJobWorkflow:
             self._set_phase(JobPhase.SPAWNING, f"container `{track.name}`")
             spawn_tried = True
             spawn_started = workflow.now()
-            container = await steps.spawn(job.pool, minted, track.name, job.job_id, params.max_lifetime_s)
+            container = await steps.spawn(
+                job.pool, minted, track.name, job.job_id, params.recipe.max_lifetime_s
+            )
             self._metrics().webhook_to_spawn.record((workflow.now() - self._first_started_at).total_seconds())
             exit_task = self._watch(container)
             self._set_phase(JobPhase.REGISTERING, f"`{track.name}` to come online")
@@ -654,7 +645,7 @@ class RunnerJobWorkflow:
             return True
         cause = "exited" if exit_task.done() else "timeout"
         self._attempt_failed(
-            cause, f"{track.name} did not come online within {params.registration_timeout_s:.0f}s"
+            cause, f"{track.name} did not come online within {params.recipe.registration_timeout_s:.0f}s"
         )
         return False
 
@@ -669,7 +660,8 @@ class RunnerJobWorkflow:
         status = await steps.poll_until_registered(
             RunnerRef(runner_name=track.name, runner_id=minted.runner_id, scope=self._params.job.scope),
             steps.RegistrationTiming(
-                timeout_s=self._params.registration_timeout_s, first_poll_s=self._params.registration_poll_s
+                timeout_s=self._params.recipe.registration_timeout_s,
+                first_poll_s=self._params.recipe.registration_poll_s,
             ),
             lambda: track.online or exit_task.done() or self._surplus(track),
             self._settling.append,
@@ -687,9 +679,9 @@ class RunnerJobWorkflow:
     ) -> None:
         params = self._params
         registered_at = workflow.now()
-        lifetime_end = spawned_at + timedelta(seconds=params.max_lifetime_s)
+        lifetime_end = spawned_at + timedelta(seconds=params.recipe.max_lifetime_s)
         idle_end = registered_at + timedelta(seconds=params.idle_ttl_s)
-        check_every = timedelta(seconds=params.status_check_interval_s)
+        check_every = timedelta(seconds=params.recipe.status_check_interval_s)
         next_check = registered_at + check_every
 
         def surplus() -> bool:
@@ -758,7 +750,7 @@ class RunnerJobWorkflow:
         `container` is the spawned container's reference, or True when a spawn was tried and
         failed: it may have created the container before failing, so it is terminated by name."""
         self._set_runner_phase(track, JobPhase.TEARING_DOWN, f"`{track.name}`")
-        lifetime_end = spawned_at + timedelta(seconds=self._params.max_lifetime_s)
+        lifetime_end = spawned_at + timedelta(seconds=self._params.recipe.max_lifetime_s)
         # An ephemeral runner that took a job and then exited, or whose listener exited cleanly
         # (it does so only after its job or once its registration is gone), has been removed by
         # GitHub already; deleting it again would only cost an API call. Webhooks can lag the
@@ -810,7 +802,7 @@ class RunnerJobWorkflow:
         return ContainerRef(pool=self._params.job.pool, name=track.name, backend_id="")
 
     def _watch(self, container: ContainerRef) -> asyncio.Task[ContainerExit]:
-        return steps.watch(container, self._params.max_lifetime_s)
+        return steps.watch(container, self._params.recipe.max_lifetime_s)
 
     async def _deregister(self, ref: RunnerRef) -> DeregisterOutcome:
         return await self._github_call(lambda: steps.deregister(ref, self._github_queue()))

@@ -63,7 +63,7 @@ class WarmPoolWorkflow:
         self._served_total = carry.served_total
         self._not_before = carry.not_before
         self._version = 0
-        self._next_audit = workflow.now() + timedelta(seconds=params.config.status_check_interval_s)
+        self._next_audit = workflow.now() + timedelta(seconds=params.config.recipe.status_check_interval_s)
 
     @workflow.signal(name=CONFIGURE_SIGNAL)
     def configure(self, config: WarmPoolConfig) -> None:
@@ -105,7 +105,7 @@ class WarmPoolWorkflow:
             return sorted(n for n, p in self._runners.items() if p == phase and n not in self._draining)
 
         return WarmPoolStatus(
-            pool=self._config.pool,
+            pool=self._config.recipe.pool,
             min_idle=self._config.min_idle,
             starting=named("starting"),
             idle=named("idle"),
@@ -167,7 +167,7 @@ class WarmPoolWorkflow:
     async def _audit(self) -> None:
         """Forget runners whose workflow closed without reporting (an operator terminated it):
         the sweepers remove what it left, and the semaphore reclaims its slot."""
-        self._next_audit = workflow.now() + timedelta(seconds=self._config.status_check_interval_s)
+        self._next_audit = workflow.now() + timedelta(seconds=self._config.recipe.status_check_interval_s)
         ids = {warm_runner_workflow_id(name): name for name in self._runners}
         try:
             closed = await workflow.execute_activity_method(
@@ -190,19 +190,19 @@ class WarmPoolWorkflow:
             self._draining.discard(name)
 
     async def _start_runner(self) -> None:
-        config = self._config
-        name = warm_runner_name(config.runner_name_prefix, config.pool, workflow.uuid4().hex[:8])
+        recipe = self._config.recipe
+        name = warm_runner_name(recipe.runner_name_prefix, recipe.pool, workflow.uuid4().hex[:8])
         self._runners[name] = "starting"
         self._started_total += 1
         await workflow.start_child_workflow(
             WarmRunnerWorkflow.run,
-            WarmRunnerInput(runner_name=name, pool_workflow_id=workflow.info().workflow_id, config=config),
+            WarmRunnerInput(runner_name=name, pool_workflow_id=workflow.info().workflow_id, recipe=recipe),
             id=warm_runner_workflow_id(name),
             # The child outlives this run's continue-as-new, and reports to whichever run is current.
             parent_close_policy=ParentClosePolicy.ABANDON,
-            static_summary=f"warm runner {name} of pool {config.pool}",
+            static_summary=f"warm runner {name} of pool {recipe.pool}",
             search_attributes=TypedSearchAttributes(
-                [SearchAttributePair(search_attributes.POOL, config.pool)]
+                [SearchAttributePair(search_attributes.POOL, recipe.pool)]
             ),
         )
 

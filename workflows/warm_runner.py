@@ -29,7 +29,6 @@ with workflow.unsafe.imports_passed_through():
         ContainerRef,
         JobEvent,
         MintedRunner,
-        MintRequest,
         RunnerRef,
     )
     from mayfly.warm import (
@@ -56,8 +55,8 @@ class WarmRunnerWorkflow:
     def __init__(self, params: WarmRunnerInput) -> None:
         self._params = params
         self._name = params.runner_name
-        config = params.config
-        self._lease = SlotLease(config.pool)
+        recipe = params.recipe
+        self._lease = SlotLease(recipe.pool)
         self._drain = False
         self._online = False
         self._busy = False
@@ -100,9 +99,9 @@ class WarmRunnerWorkflow:
 
     @workflow.run
     async def run(self, params: WarmRunnerInput) -> WarmRunnerResult:
-        config = params.config
+        recipe = params.recipe
         workflow.upsert_search_attributes(
-            [search_attributes.POOL.value_set(config.pool), search_attributes.RUNNER.value_set(self._name)]
+            [search_attributes.POOL.value_set(recipe.pool), search_attributes.RUNNER.value_set(self._name)]
         )
         try:
             self._details("waiting for a slot")
@@ -131,7 +130,7 @@ class WarmRunnerWorkflow:
         workflow.logger.info(
             "warm runner %s of pool %s gone (%s); served job %s; held its slot %.0fs",
             self._name,
-            config.pool,
+            recipe.pool,
             self._reason,
             self._job_id,
             self._lease.held_s(),
@@ -139,7 +138,7 @@ class WarmRunnerWorkflow:
         )
         return WarmRunnerResult(
             runner_name=self._name,
-            pool=config.pool,
+            pool=recipe.pool,
             job_id=self._job_id,
             registered=self._registered,
             slot_held_s=self._lease.held_s(),
@@ -167,10 +166,9 @@ class WarmRunnerWorkflow:
             return False
         return True
 
-    async def _mint(self, call: asyncio.Task[MintedRunner]) -> MintedRunner:
+    async def _mint(self) -> MintedRunner:
         """Mint, waiting out a long rate-limit pause on a timer rather than failing."""
-        config = self._params.config
-        task = call
+        task = self._start_mint()
         while True:
             try:
                 return await steps.finish_despite_cancel(task, stop_it=False)
@@ -179,23 +177,17 @@ class WarmRunnerWorkflow:
                 if wait is None:
                     raise
             await workflow.sleep(wait, summary="GitHub rate limit reset")
-            task = steps.start_mint(self._mint_request(), config.registration_timeout_s, self._queue())
+            task = self._start_mint()
 
-    def _mint_request(self) -> MintRequest:
-        config = self._params.config
-        return MintRequest(
-            pool=config.pool,
-            runner_name=self._name,
-            labels=config.labels,
-            scope=config.scope,
-            runner_group_id=config.runner_group_id,
-        )
+    def _start_mint(self) -> asyncio.Task[MintedRunner]:
+        recipe = self._params.recipe
+        return steps.start_mint(recipe.mint_request(self._name), recipe.registration_timeout_s, self._queue())
 
     def _queue(self) -> str | None:
-        return self._params.config.github_task_queue or None
+        return self._params.recipe.github_task_queue or None
 
     async def _live(self) -> None:
-        config = self._params.config
+        recipe = self._params.recipe
         minted: MintedRunner | None = None
         container: ContainerRef | None = None
         spawn_tried = False
@@ -203,9 +195,7 @@ class WarmRunnerWorkflow:
         spawned_at = workflow.now()
         try:
             self._details("minting")
-            minted = await self._mint(
-                steps.start_mint(self._mint_request(), config.registration_timeout_s, self._queue())
-            )
+            minted = await self._mint()
             if self._drain:
                 self._reason = "drained while minting"
                 return
@@ -215,13 +205,13 @@ class WarmRunnerWorkflow:
             # keeps the recycle ahead of the watcher's kill however long the create takes.
             spawned_at = workflow.now()
             # A warm runner has no job of its own yet: job id 0.
-            container = await steps.spawn(config.pool, minted, self._name, 0, config.max_lifetime_s)
-            exit_task = steps.watch(container, config.max_lifetime_s)
+            container = await steps.spawn(recipe.pool, minted, self._name, 0, recipe.max_lifetime_s)
+            exit_task = steps.watch(container, recipe.max_lifetime_s)
             self._details("registering")
             if not await self._confirm_registration(minted, exit_task):
                 if not self._drain:
                     self._failed = True
-                    self._reason = f"did not come online within {config.registration_timeout_s:.0f}s"
+                    self._reason = f"did not come online within {recipe.registration_timeout_s:.0f}s"
                 else:
                     self._reason = "drained while registering"
                 return
@@ -241,10 +231,10 @@ class WarmRunnerWorkflow:
         self, minted: MintedRunner, exit_task: asyncio.Task[ContainerExit]
     ) -> bool:
         status = await steps.poll_until_registered(
-            RunnerRef(runner_name=self._name, runner_id=minted.runner_id, scope=self._params.config.scope),
+            RunnerRef(runner_name=self._name, runner_id=minted.runner_id, scope=self._params.recipe.scope),
             steps.RegistrationTiming(
-                timeout_s=self._params.config.registration_timeout_s,
-                first_poll_s=self._params.config.registration_poll_s,
+                timeout_s=self._params.recipe.registration_timeout_s,
+                first_poll_s=self._params.recipe.registration_poll_s,
             ),
             lambda: self._online or exit_task.done() or self._drain,
             self._settling.append,
@@ -257,12 +247,12 @@ class WarmRunnerWorkflow:
     async def _stand_ready(self, exit_task: asyncio.Task[ContainerExit], spawned_at: datetime) -> None:
         """Idle until a job takes the runner, the pool drains it or it reaches its lifetime;
         once busy, until its job is done."""
-        config = self._params.config
-        lifetime_end = spawned_at + timedelta(seconds=config.max_lifetime_s)
+        recipe = self._params.recipe
+        lifetime_end = spawned_at + timedelta(seconds=recipe.max_lifetime_s)
         # An idle runner is recycled a little before its watcher would kill it at its lifetime,
         # so it is deregistered first and no job lands on a runner being stopped.
-        recycle_at = lifetime_end - min(RECYCLE_MARGIN, timedelta(seconds=config.max_lifetime_s / 10))
-        check_every = timedelta(seconds=config.status_check_interval_s)
+        recycle_at = lifetime_end - min(RECYCLE_MARGIN, timedelta(seconds=recipe.max_lifetime_s / 10))
+        check_every = timedelta(seconds=recipe.status_check_interval_s)
         next_check = workflow.now() + check_every
         reported: tuple[WarmRunnerPhase, int | None] | None = None
         while not exit_task.done():
@@ -288,7 +278,7 @@ class WarmRunnerWorkflow:
                     # The webhook saying it took a job may be lost; GitHub knows. The same
                     # beat re-reports to the pool, which adopts it after a restart, or is gone.
                     status = await steps.runner_status(
-                        RunnerRef(runner_name=self._name, scope=self._params.config.scope), self._queue()
+                        RunnerRef(runner_name=self._name, scope=self._params.recipe.scope), self._queue()
                     )
                     next_check = workflow.now() + check_every
                     if not status.exists:
@@ -335,7 +325,7 @@ class WarmRunnerWorkflow:
     ) -> None:
         """Deregister (an idle runner then takes no job), then terminate, then the caller releases."""
         self._details(f"tearing down ({self._reason or 'cancelled'})")
-        lifetime_end = spawned_at + timedelta(seconds=self._params.config.max_lifetime_s)
+        lifetime_end = spawned_at + timedelta(seconds=self._params.recipe.max_lifetime_s)
         ran_and_exited = (
             exit_task is not None
             and steps.exited(exit_task)
@@ -345,7 +335,7 @@ class WarmRunnerWorkflow:
             ref = RunnerRef(
                 runner_name=self._name,
                 runner_id=minted.runner_id if minted else None,
-                scope=self._params.config.scope,
+                scope=self._params.recipe.scope,
             )
 
             async def took_a_job() -> None:
@@ -358,7 +348,7 @@ class WarmRunnerWorkflow:
                 lambda: steps.deregister(ref, self._queue()),
                 exit_task,
                 lambda: (
-                    steps.watch(self._container_ref(container), self._params.config.max_lifetime_s)
+                    steps.watch(self._container_ref(container), self._params.recipe.max_lifetime_s)
                     if container
                     else None
                 ),
@@ -380,4 +370,4 @@ class WarmRunnerWorkflow:
     def _container_ref(self, container: ContainerRef | bool) -> ContainerRef:
         if isinstance(container, ContainerRef):
             return container
-        return ContainerRef(pool=self._params.config.pool, name=self._name, backend_id="")
+        return ContainerRef(pool=self._params.recipe.pool, name=self._name, backend_id="")

@@ -274,19 +274,7 @@ async def sync_capacities(client: Client, settings: MayflySettings) -> None:
 def warm_pool_config(settings: MayflySettings, pool: PoolSettings) -> WarmPoolConfig:
     """What a pool's warm pool and its runners need of the worker's config."""
     (scope,) = settings.pool_scopes(pool)[:1] or [DEFAULT_SCOPE]
-    return WarmPoolConfig(
-        pool=pool.name,
-        labels=pool.labels,
-        min_idle=pool.min_idle,
-        registration_timeout_s=pool.registration_timeout_s,
-        registration_poll_s=pool.registration_poll_s,
-        max_lifetime_s=pool.max_lifetime_s,
-        runner_name_prefix=settings.runner_prefix(scope),
-        github_task_queue=settings.temporal.github_queue(scope),
-        scope=scope,
-        runner_group_id=pool.runner_group_id,
-        status_check_interval_s=settings.job_status_check_interval_s,
-    )
+    return WarmPoolConfig(recipe=settings.runner_recipe(pool, scope), min_idle=pool.min_idle)
 
 
 async def sync_warm_pools(client: Client, settings: MayflySettings) -> None:
