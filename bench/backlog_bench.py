@@ -32,6 +32,7 @@ from bench.semaphore_history import BENIGN_TASK_FAILURES, read_semaphore_history
 from bench.slot_holder import HolderInput, Ledger, LightSlotHolderWorkflow
 from mayfly.devserver import local_environment
 from mayfly.models import SemaphoreTerms, waiter_recheck_s
+from mayfly.temporal import WORKFLOW_RUNNER
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
 
 RSS_TARGET_MB = 512
@@ -110,6 +111,8 @@ async def main() -> None:
             ledger.enter,
             ledger.exit,
         ],
+        # The product worker's sandbox settings (see mayfly.temporal), so the figures are its own.
+        workflow_runner=WORKFLOW_RUNNER,
     ):
         t0 = time.monotonic()
         enqueue_task = asyncio.create_task(enqueue(client, task_queue, pool, args))

@@ -27,6 +27,7 @@ from bench.slot_holder import BenchHolderWorkflow, CycleTimes, HolderInput
 from mayfly.devserver import local_environment
 from mayfly.models import SemaphoreTerms, semaphore_workflow_id
 from mayfly.process import exit_now
+from mayfly.temporal import WORKFLOW_RUNNER
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
 
 
@@ -81,6 +82,8 @@ async def main() -> None:
         task_queue=task_queue,
         workflows=[SlotSemaphoreWorkflow, BenchHolderWorkflow],
         activities=slots.all(),
+        # The product worker's sandbox settings (see mayfly.temporal), so the figures are its own.
+        workflow_runner=WORKFLOW_RUNNER,
     ):
         # 1. Idle grant latency: one acquirer at a time, free slots; client start -> granted.
         pool = f"idle{uuid.uuid4().hex[:6]}"
