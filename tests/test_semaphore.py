@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 import pytest
 from temporalio import activity
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import CancelledError
 from temporalio.service import RPCError, RPCStatusCode
@@ -93,8 +94,26 @@ async def until_status(client: Client, pool: str, check: object, within_s: float
                 if check(current):
                     return current
                 await asyncio.sleep(0.1)
-    except TimeoutError:
-        raise AssertionError(f"semaphore never reached the expected state; last seen: {current}") from None
+    except (TimeoutError, RPCError) as error:
+        opening = await opening_events(client, pool)
+        raise AssertionError(
+            f"semaphore never reached the expected state ({type(error).__name__}); last seen: {current}; "
+            f"its current run opened with {opening}"
+        ) from None
+
+
+async def opening_events(client: Client, pool: str, count: int = 12) -> list[str]:
+    """The first events of the semaphore's current run: CI once saw a run's first task fail
+    replay ("No command scheduled for event 5, ActivityTaskScheduled"), cause unknown."""
+    seen: list[str] = []
+    async for event in client.get_workflow_handle(semaphore_workflow_id(pool)).fetch_history_events():
+        name = EventType.Name(event.event_type).removeprefix("EVENT_TYPE_")
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            name += f" {event.activity_task_scheduled_event_attributes.activity_type.name}"
+        seen.append(name)
+        if len(seen) >= count:
+            break
+    return seen
 
 
 async def outcome(handle: WorkflowHandle[SlotHolderWorkflow, None]) -> str:
