@@ -28,7 +28,7 @@ from mayfly.app.wiring import build_workers, start_sweeper
 from mayfly.backends.local import LocalProcessBackend
 from mayfly.config import LocalBackendSettings, MayflySettings
 from mayfly.github_factory import scope_clients
-from mayfly.models import RunnerJobResult, job_workflow_id
+from mayfly.models import RunnerJobResult, job_workflow_id, owner_job_of
 from mayfly.sealing import Sealer
 from mayfly.serving import serve
 from simulator import GitHubSimulator
@@ -209,10 +209,12 @@ async def test_each_scope_is_served_by_its_pools_with_its_credential_and_swept(
         assert result.outcome in ("served", "served-elsewhere"), (scope, job_id, result)
         runner = sims[scope].job(job_id).runner_name
         prefix = deployment.settings.runner_prefix(scope)
-        assert runner is not None and runner.startswith(f"{prefix}-"), (scope, job_id, runner)
+        assert runner is not None, (scope, job_id)
+        owner = owner_job_of(runner, prefix)
+        assert owner is not None, (scope, job_id, runner)
         assert result.served_by in (runner, None)
         # It registered where its scope lives, in the group of the pool that started it.
-        owner_pool = pool_of_job[scope, int(runner.split("-")[1])]
+        owner_pool = pool_of_job[scope, owner]
         assert sims[scope].runner_group_of(runner) == (ARM_GROUP if owner_pool == "arm" else 1)
         assert sims[scope].job(job_id).status == "completed"
     # The CLI's views tell the scopes apart, even for one job id in two of them.
