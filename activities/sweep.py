@@ -6,7 +6,7 @@ its teardown. Anything named after it that outlives it is an orphan.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -18,10 +18,10 @@ from temporalio.exceptions import ApplicationError
 from activities.errors import backend_failure, github_failure
 from activities.github import client_for_scope
 from activities.owners import owner_running, workflow_status
-from mayfly.backends import BackendError, ContainerBackend, ContainerState
+from mayfly.backends import BackendError, ContainerBackend, ContainerRecord, ContainerState
 from mayfly.config import MayflySettings
 from mayfly.dispatch import DispatchUnavailable, JobDispatcher
-from mayfly.github import GitHubClient
+from mayfly.github import GitHubClient, Runner
 from mayfly.github_errors import GitHubError, RunnerBusy
 from mayfly.models import RUNNER_JOB_WORKFLOW, JobEvent, JobInfo, job_workflow_id
 from mayfly.warm import owner_workflow_of
@@ -37,16 +37,28 @@ class SweepReport(BaseModel):
     gave_up: list[str] = []
 
 
-async def orphans(report: SweepReport, named: Iterable[tuple[T, str, str | None]]) -> AsyncIterator[T]:
-    """The items (each with its name and owning workflow id, None if not ours) whose owner has
-    closed; counted as checked, with a heartbeat each, so a long sweep shows its progress."""
+async def remove_orphans(
+    what: str,
+    named: Iterable[tuple[T, str, str | None]],
+    remove: Callable[[T], Awaitable[bool]],
+) -> SweepReport:
+    """Remove the items (each with its name and owning workflow id, None if not ours) whose owner
+    has closed. `remove` answers False for one still in use, left for the next sweep. A heartbeat
+    per item lets a long sweep show its progress."""
+    report = SweepReport()
     for item, name, owner in named:
         if owner is None:
             continue
         report.checked += 1
         activity.heartbeat(name)
-        if not await owner_running(owner):
-            yield item
+        if await owner_running(owner):
+            continue
+        if await remove(item):
+            activity.logger.warning("removed orphan %s %s of %s", what, name, owner)
+            report.removed.append(name)
+        else:
+            report.busy.append(name)
+    return report
 
 
 class SweepActivities:
@@ -67,42 +79,39 @@ class SweepActivities:
     @activity.defn(name="sweep.containers")
     async def containers(self, pool: str) -> SweepReport:
         backend = self._backends.get(pool)
-        report = SweepReport()
         if backend is None:
-            return report
+            return SweepReport()
+
+        async def terminate(record: ContainerRecord) -> bool:
+            await backend.terminate(record.name)
+            return True
+
         try:
             records = await backend.list()
             running = [(r, r.name, r.owner_workflow_id) for r in records if r.state is ContainerState.RUNNING]
-            async for record in orphans(report, running):
-                activity.logger.warning(
-                    "terminating orphan container %s of %s", record.name, record.owner_workflow_id
-                )
-                await backend.terminate(record.name)
-                report.removed.append(record.name)
+            return await remove_orphans("container", running, terminate)
         except BackendError as error:
             raise backend_failure(error) from None
-        return report
 
     @activity.defn(name="sweep.registrations")
     async def registrations(self, scope: str) -> SweepReport:
         """One scope's registrations: only runners named with its prefix are ours to remove."""
-        report = SweepReport()
         github = self._client(scope)
         prefix = self._settings.runner_prefix(scope)
+
+        async def delete(runner: Runner) -> bool:
+            try:
+                await github.delete_runner(runner.id)
+            except RunnerBusy:
+                # Still running a job; GitHub frees it when that ends.
+                return False
+            return True
+
         try:
             named = [(r, r.name, owner_workflow_of(r.name, prefix)) for r in await github.list_runners()]
-            async for runner in orphans(report, named):
-                try:
-                    await github.delete_runner(runner.id)
-                except RunnerBusy:
-                    # Still running a job; GitHub frees it when that ends. Try again next sweep.
-                    report.busy.append(runner.name)
-                    continue
-                activity.logger.warning("deleted orphan runner registration %s", runner.name)
-                report.removed.append(runner.name)
+            return await remove_orphans("runner registration", named, delete)
         except GitHubError as error:
             raise github_failure(error) from None
-        return report
 
     @activity.defn(name="sweep.queued_jobs")
     async def queued_jobs(self, scope: str) -> SweepReport:
@@ -151,16 +160,7 @@ class SweepActivities:
                     )
                     report.gave_up.append(f"job {job.id}")
                     continue
-            info = JobInfo(
-                job_id=job.id,
-                run_id=job.run_id,
-                run_attempt=job.run_attempt,
-                repository=job.repository,
-                name=job.name,
-                labels=job.labels,
-                pool="",
-                scope=scope,
-            )
+            info = JobInfo.unrouted(job, job.repository, scope)
             action = "waiting" if job.status == "waiting" else "queued"
             try:
                 pool = await self._dispatcher.dispatch(

@@ -6,9 +6,10 @@ Nothing here may carry a secret in plaintext: JIT configs travel as `SealedSecre
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -18,9 +19,40 @@ JobAction = Literal["queued", "waiting", "in_progress", "completed"]
 JobStatus = Literal["unknown", "waiting", "queued", "in_progress", "completed"]
 
 
+class JobPhase(StrEnum):
+    """Where a job's workflow is in its runner's lifecycle: the UI's details and `mayfly explain`."""
+
+    QUEUED = "queued"
+    WAITING_FOR_APPROVAL = "waiting-for-approval"
+    WAITING_FOR_SLOT = "waiting-for-slot"
+    MINTING = "minting"
+    SPAWNING = "spawning"
+    REGISTERING = "registering"
+    RUNNING = "running"
+    TEARING_DOWN = "tearing-down"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
 # The scope of a deployment configured the single-scope way (`github.repository` or
 # `github.organization`); named scopes come from `[[scopes]]`.
 DEFAULT_SCOPE = "default"
+
+
+class GitHubJob(Protocol):
+    """A job as GitHub describes it, in a webhook or in a listing."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def run_id(self) -> int: ...
+    @property
+    def run_attempt(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def labels(self) -> Sequence[str]: ...
 
 
 class JobInfo(BaseModel):
@@ -34,6 +66,20 @@ class JobInfo(BaseModel):
     labels: list[str] = Field(default_factory=list)
     pool: str
 
+    @classmethod
+    def unrouted(cls, job: GitHubJob, repository: str, scope: str) -> JobInfo:
+        """The job before dispatch has chosen its pool."""
+        return cls(
+            job_id=job.id,
+            run_id=job.run_id,
+            run_attempt=job.run_attempt,
+            repository=repository,
+            name=job.name,
+            labels=list(job.labels),
+            pool="",
+            scope=scope,
+        )
+
 
 class JobEvent(BaseModel):
     """What a `workflow_job` webhook says, reduced to what the workflows act on."""
@@ -41,20 +87,6 @@ class JobEvent(BaseModel):
     action: JobAction
     job_id: int
     runner_name: str | None = None
-
-
-class JobPhase(StrEnum):
-    QUEUED = "queued"
-    WAITING_FOR_APPROVAL = "waiting-for-approval"
-    WAITING_FOR_SLOT = "waiting-for-slot"
-    MINTING = "minting"
-    SPAWNING = "spawning"
-    REGISTERING = "registering"
-    RUNNING = "running"
-    TEARING_DOWN = "tearing-down"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
 
 
 class RunnerJobCarry(BaseModel):
@@ -232,12 +264,16 @@ class SlotRecheck(BaseModel):
 
 
 class RecheckOutcome(StrEnum):
+    """What a recheck found: the run knew the slot, was told it again, or did not answer."""
+
     KNOWN = "known"
     RESENT = "resent"
     UNANSWERED = "unanswered"
 
 
 class SlotLookup(StrEnum):
+    """What the semaphore's current run knows of one request id."""
+
     HOLDING = "holding"
     WAITING = "waiting"
     RELEASED = "released"

@@ -44,7 +44,6 @@ with workflow.unsafe.imports_passed_through():
         runner_name_for,
     )
     from workflows import runner_steps as steps
-    from workflows.runner_steps import GITHUB_RETRY
     from workflows.runner_steps import cancel_quietly as _cancel_quietly
     from workflows.runner_steps import exit_code as _exit_code
     from workflows.runner_steps import exited as _exited
@@ -206,14 +205,12 @@ class RunnerJobWorkflow:
             return
         try:
             status: GitHubJobStatus = await self._github_call(
-                lambda: workflow.execute_activity_method(
+                lambda: steps.on_github(
                     GitHubActivities.job_status,
                     JobRef(repository=job.repository, job_id=job.job_id, scope=job.scope),
-                    start_to_close_timeout=timedelta(seconds=30),
-                    schedule_to_close_timeout=timedelta(minutes=2),
-                    retry_policy=GITHUB_RETRY,
                     summary=f"ask GitHub about job {job.job_id} ({why})",
-                    task_queue=self._github_queue(),
+                    github_queue=self._github_queue(),
+                    give_up_after=timedelta(minutes=2),
                 )
             )
         except ActivityError as error:
@@ -658,11 +655,9 @@ class RunnerJobWorkflow:
     ) -> bool:
         """Online means a webhook named the runner, or GitHub lists it online."""
         status = await steps.poll_until_registered(
-            RunnerRef(runner_name=track.name, runner_id=minted.runner_id, scope=self._params.job.scope),
-            steps.RegistrationTiming(
-                timeout_s=self._params.recipe.registration_timeout_s,
-                first_poll_s=self._params.recipe.registration_poll_s,
-            ),
+            self._params.recipe,
+            track.name,
+            minted,
             lambda: track.online or exit_task.done() or self._surplus(track),
             self._settling.append,
         )

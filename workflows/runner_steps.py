@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -28,11 +27,14 @@ with workflow.unsafe.imports_passed_through():
         DeregisterOutcome,
         MintedRunner,
         MintRequest,
+        RunnerRecipe,
         RunnerRef,
         RunnerStatus,
     )
 
 T = TypeVar("T")
+A = TypeVar("A")
+R = TypeVar("R")
 
 # GitHub calls: short per-call timeouts, backoff capped so a 502 burst costs seconds, not minutes.
 GITHUB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
@@ -48,17 +50,37 @@ def throttled_for(error: ActivityError) -> timedelta | None:
     return None
 
 
+def on_github(
+    call: Callable[[Any, A], Awaitable[R]],
+    arg: A,
+    *,
+    summary: str,
+    github_queue: str | None,
+    retry: RetryPolicy = GITHUB_RETRY,
+    give_up_after: timedelta | None = None,
+) -> asyncio.Task[R]:
+    """A GitHub activity on its scope's rate-limited queue (None: the workflow's own). Each try
+    is short: a response lost in the network is retried in seconds."""
+    return workflow.start_activity_method(
+        call,
+        arg,
+        start_to_close_timeout=timedelta(seconds=30),
+        schedule_to_close_timeout=give_up_after,
+        retry_policy=retry,
+        summary=summary,
+        task_queue=github_queue,
+    )
+
+
 def start_mint(
     request: MintRequest, registration_timeout_s: float, github_queue: str | None
 ) -> asyncio.Task[MintedRunner]:
-    return workflow.start_activity_method(
+    return on_github(
         GitHubActivities.mint_runner,
         request,
-        start_to_close_timeout=timedelta(seconds=30),
-        schedule_to_close_timeout=timedelta(seconds=registration_timeout_s * 3),
-        retry_policy=GITHUB_RETRY,
         summary=f"mint {request.runner_name}",
-        task_queue=github_queue,
+        github_queue=github_queue,
+        give_up_after=timedelta(seconds=registration_timeout_s * 3),
     )
 
 
@@ -104,31 +126,6 @@ def watch(container: ContainerRef, max_lifetime_s: float) -> asyncio.Task[Contai
     )
 
 
-def _start_online_poll(ref: RunnerRef, registration_timeout_s: float) -> asyncio.Task[RunnerStatus]:
-    return workflow.start_activity_method(
-        GitHubActivities.wait_online,
-        ref,
-        start_to_close_timeout=timedelta(seconds=registration_timeout_s + 30),
-        # Short, so the cancel sent when a late webhook wins reaches the activity within seconds
-        # (cancellation travels on heartbeat responses).
-        heartbeat_timeout=timedelta(seconds=4),
-        retry_policy=GITHUB_RETRY,
-        # Settled before the workflow ends (see `poll_until_registered`): a poll that answers
-        # a cancel after its workflow closed makes the worker log a warning nobody can act on.
-        cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-        summary=f"poll {ref.runner_name} online",
-    )
-
-
-@dataclass(frozen=True)
-class RegistrationTiming:
-    """How long a runner may take to come online, and how long the workflow waits for the
-    webhook that says so before it asks GitHub."""
-
-    timeout_s: float
-    first_poll_s: float
-
-
 async def _settled_within(settled: Callable[[], bool], within: timedelta, summary: str) -> bool:
     try:
         await workflow.wait_condition(settled, timeout=within, timeout_summary=summary)
@@ -138,8 +135,9 @@ async def _settled_within(settled: Callable[[], bool], within: timedelta, summar
 
 
 async def poll_until_registered(
-    ref: RunnerRef,
-    timing: RegistrationTiming,
+    recipe: RunnerRecipe,
+    runner_name: str,
+    runner: MintedRunner,
     settled: Callable[[], bool],
     settle_later: Callable[[asyncio.Task[Any]], None],
 ) -> RunnerStatus | None:
@@ -151,13 +149,27 @@ async def poll_until_registered(
     is cancelled and handed to `settle_later`, for the workflow to await before it ends: the
     cancel reaches the activity only with its next heartbeat, seconds later, and a surplus
     runner's slot must not wait for that."""
-    until = workflow.now() + timedelta(seconds=timing.timeout_s)
-    first_poll = timedelta(seconds=min(timing.first_poll_s, timing.timeout_s))
-    if await _settled_within(settled, first_poll, "webhook says online"):
+    timeout = timedelta(seconds=recipe.registration_timeout_s)
+    until = workflow.now() + timeout
+    if await _settled_within(
+        settled, min(timedelta(seconds=recipe.registration_poll_s), timeout), "webhook says online"
+    ):
         return None
     if until <= workflow.now():
         return None
-    poll = _start_online_poll(ref, timing.timeout_s)
+    poll = workflow.start_activity_method(
+        GitHubActivities.wait_online,
+        RunnerRef(runner_name=runner_name, runner_id=runner.runner_id, scope=recipe.scope),
+        start_to_close_timeout=timeout + timedelta(seconds=30),
+        # Short, so the cancel sent when a late webhook wins reaches the activity within seconds
+        # (cancellation travels on heartbeat responses).
+        heartbeat_timeout=timedelta(seconds=4),
+        retry_policy=GITHUB_RETRY,
+        # Settled before the workflow ends (see below): a poll that answers a cancel after its
+        # workflow closed makes the worker log a warning nobody can act on.
+        cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        summary=f"poll {runner_name} online",
+    )
     try:
         await _settled_within(
             lambda: settled() or poll.done(), until - workflow.now(), "registration timeout"
@@ -221,26 +233,13 @@ async def deregister_letting_a_job_finish(
             return exit_task, None
 
 
-async def runner_status(ref: RunnerRef, github_queue: str | None) -> RunnerStatus:
-    return await workflow.execute_activity_method(
-        GitHubActivities.runner_status,
-        ref,
-        start_to_close_timeout=timedelta(seconds=30),
-        schedule_to_close_timeout=timedelta(minutes=2),
-        retry_policy=GITHUB_RETRY,
-        summary=f"is {ref.runner_name} busy?",
-        task_queue=github_queue,
-    )
-
-
 async def deregister(ref: RunnerRef, github_queue: str | None) -> DeregisterOutcome:
-    return await workflow.execute_activity_method(
+    return await on_github(
         GitHubActivities.deregister_runner,
         ref,
-        start_to_close_timeout=timedelta(seconds=30),
-        retry_policy=CLEANUP_RETRY,
         summary=f"deregister {ref.runner_name}",
-        task_queue=github_queue,
+        github_queue=github_queue,
+        retry=CLEANUP_RETRY,
     )
 
 

@@ -23,6 +23,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
+    from activities.github import GitHubActivities
     from mayfly import search_attributes
     from mayfly.models import (
         ContainerExit,
@@ -231,11 +232,9 @@ class WarmRunnerWorkflow:
         self, minted: MintedRunner, exit_task: asyncio.Task[ContainerExit]
     ) -> bool:
         status = await steps.poll_until_registered(
-            RunnerRef(runner_name=self._name, runner_id=minted.runner_id, scope=self._params.recipe.scope),
-            steps.RegistrationTiming(
-                timeout_s=self._params.recipe.registration_timeout_s,
-                first_poll_s=self._params.recipe.registration_poll_s,
-            ),
+            self._params.recipe,
+            self._name,
+            minted,
             lambda: self._online or exit_task.done() or self._drain,
             self._settling.append,
         )
@@ -277,8 +276,12 @@ class WarmRunnerWorkflow:
                 if now >= next_check:
                     # The webhook saying it took a job may be lost; GitHub knows. The same
                     # beat re-reports to the pool, which adopts it after a restart, or is gone.
-                    status = await steps.runner_status(
-                        RunnerRef(runner_name=self._name, scope=self._params.recipe.scope), self._queue()
+                    status = await steps.on_github(
+                        GitHubActivities.runner_status,
+                        RunnerRef(runner_name=self._name, scope=self._params.recipe.scope),
+                        summary=f"is {self._name} busy?",
+                        github_queue=self._queue(),
+                        give_up_after=timedelta(minutes=2),
                     )
                     next_check = workflow.now() + check_every
                     if not status.exists:

@@ -252,16 +252,7 @@ class WebhookStarter:
                 extra=_log_context(payload),
             )
             return _answer(202, "this repository is not one this deployment serves")
-        info = JobInfo(
-            job_id=job.id,
-            run_id=job.run_id,
-            run_attempt=job.run_attempt,
-            repository=payload.repository.full_name,
-            name=job.name,
-            labels=job.labels,
-            pool="",
-            scope=scope,
-        )
+        info = JobInfo.unrouted(job, payload.repository.full_name, scope)
         event = JobEvent(
             action=payload.action,
             job_id=job.id,
