@@ -27,6 +27,8 @@ class HolderInput(BaseModel):
     cycles: int = 1
     # Ask in the semaphore's front lane, as a job whose runner went to another job does.
     front: bool = False
+    # The GitHub job the slot would be for: it orders the semaphore's waiters.
+    job_id: int | None = None
 
 
 @dataclass
@@ -89,7 +91,9 @@ class SlotHolderWorkflow:
     @workflow.run
     async def run(self, params: HolderInput) -> None:
         for cycle in range(params.cycles):
-            async with SlotLease(params.pool, key=str(cycle) if cycle else "", front=params.front) as lease:
+            async with SlotLease(
+                params.pool, key=str(cycle) if cycle else "", front=params.front, job_id=params.job_id
+            ) as lease:
                 self._request_id = lease.request_id
                 await lease.acquire()
                 await self._hold(lease.request_id, params.hold_s)

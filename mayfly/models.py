@@ -181,6 +181,10 @@ class AcquireRequest(BaseModel):
     requested_at: datetime
     # Served before every request without it (see `mayfly.slot_queue.WaiterQueue`).
     front: bool = False
+    # The GitHub job the slot is for. Waiters for older jobs (lower ids) go first: GitHub hands
+    # an idle runner the oldest queued job, so a slot granted in any other order starts a
+    # runner that takes some other waiter's job.
+    job_id: int | None = None
 
 
 class ReleaseRequest(BaseModel):

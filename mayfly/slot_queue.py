@@ -1,4 +1,4 @@
-"""The semaphore's waiter queue and its memory of released requests, both O(1) per operation.
+"""The semaphore's waiter queue and its memory of released requests, O(log n) at most per operation.
 
 Pure data structures with no Temporal calls, so the semaphore workflow stays deterministic and
 the queue can be tested and measured on its own. Each signal the semaphore handles touches a
@@ -9,6 +9,7 @@ per signal is what stalled workflow tasks past the deadlock detector at 9,000 wa
 from __future__ import annotations
 
 import base64
+import bisect
 import itertools
 import json
 import zlib
@@ -25,29 +26,50 @@ RECENTLY_RELEASED_KEPT = 2_000
 
 
 class WaiterQueue:
-    """FIFO of acquire requests, indexed by request id, in two lanes: O(1) append, pop, remove.
+    """Acquire requests, indexed by request id, in two lanes.
 
-    The front lane is for jobs asking again because a runner of theirs went to another job
-    (runners are not bound to jobs). Such a job already waited its turn once, and the job its
-    runner took leaves the queue in exchange; at the back it would wait for the whole backlog
-    a second time and become the run's tail.
+    The front lane is FIFO, for jobs asking again because a runner of theirs went to another
+    job (runners are not bound to jobs). Such a job already waited its turn once, and the job
+    its runner took leaves the queue in exchange; at the back it would wait for the whole
+    backlog a second time and become the run's tail.
+
+    The back lane serves older GitHub jobs first, then requests for no job in arrival order.
+    GitHub gives an idle runner the oldest queued job; granting in the order the requests
+    happened to arrive would start runners that take other waiters' jobs. A new job's id is
+    higher than those waiting, so a push lands at the end: a binary search finds every place,
+    and a pop or removal shifts the sorted list by one memmove, microseconds at 20,000 waiters.
     """
 
     def __init__(self, waiters: list[AcquireRequest] | None = None, limit: int = MAX_QUEUED_WAITERS) -> None:
         self._limit = limit
         self._front: OrderedDict[str, AcquireRequest] = OrderedDict()
-        self._back: OrderedDict[str, AcquireRequest] = OrderedDict()
+        # Sorted (older job first, then arrival); `_back_keys` finds an entry to remove.
+        self._back: list[tuple[int, int, int, str]] = []
+        self._back_keys: dict[str, tuple[int, int, int, str]] = {}
+        self._requests: dict[str, AcquireRequest] = {}
+        self._arrivals = itertools.count()
         for waiter in waiters or []:
-            self._lane(waiter)[waiter.request_id] = waiter
+            self._store(waiter)
 
     def __len__(self) -> int:
-        return len(self._front) + len(self._back)
+        return len(self._requests)
 
     def __contains__(self, request_id: str) -> bool:
-        return request_id in self._front or request_id in self._back
+        return request_id in self._requests
 
-    def _lane(self, request: AcquireRequest) -> OrderedDict[str, AcquireRequest]:
-        return self._front if request.front else self._back
+    def _store(self, request: AcquireRequest) -> None:
+        rid = request.request_id
+        self._requests[rid] = request
+        if request.front:
+            self._front[rid] = request
+            return
+        job_id = request.job_id
+        key = (0 if job_id is not None else 1, job_id or 0, next(self._arrivals), rid)
+        self._back_keys[rid] = key
+        if not self._back or self._back[-1] < key:
+            self._back.append(key)
+        else:
+            bisect.insort(self._back, key)
 
     def push(self, request: AcquireRequest) -> bool:
         """False when the queue is full; a duplicate is a no-op that reports True."""
@@ -55,18 +77,28 @@ class WaiterQueue:
             return True
         if len(self) >= self._limit:
             return False
-        self._lane(request)[request.request_id] = request
+        self._store(request)
         return True
 
     def pop_first(self) -> AcquireRequest:
-        return (self._front or self._back).popitem(last=False)[1]
+        if self._front:
+            rid = self._front.popitem(last=False)[0]
+        else:
+            rid = self._back.pop(0)[3]
+            del self._back_keys[rid]
+        return self._requests.pop(rid)
 
     def remove(self, request_id: str) -> None:
+        if self._requests.pop(request_id, None) is None:
+            return
         self._front.pop(request_id, None)
-        self._back.pop(request_id, None)
+        key = self._back_keys.pop(request_id, None)
+        if key is not None:
+            del self._back[bisect.bisect_left(self._back, key)]
 
     def _in_order(self) -> Iterator[AcquireRequest]:
-        return itertools.chain(self._front.values(), self._back.values())
+        requests = self._requests
+        return itertools.chain(self._front.values(), (requests[key[3]] for key in self._back))
 
     def head(self, count: int) -> list[str]:
         return [request.request_id for request in self.first(count)]
@@ -120,7 +152,7 @@ def pack(waiters: WaiterQueue, released: ReleasedMemory) -> str:
     waiter costs about 40 bytes instead of the ~250 of a serialised `AcquireRequest`.
     """
     rows = [
-        [w.request_id, w.holder_workflow_id, w.holder_run_id, _to_ms(w.requested_at), int(w.front)]
+        [w.request_id, w.holder_workflow_id, w.holder_run_id, _to_ms(w.requested_at), int(w.front), w.job_id]
         for w in waiters.all()
     ]
     raw = json.dumps({"w": rows, "r": released.all()}, separators=(",", ":")).encode()
@@ -138,6 +170,7 @@ def unpack(packed: str) -> tuple[list[AcquireRequest], list[str]]:
             holder_run_id=row[2],
             requested_at=_from_ms(row[3]),
             front=bool(row[4]),
+            job_id=row[5],
         )
         for row in data["w"]
     ]

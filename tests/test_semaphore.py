@@ -66,11 +66,12 @@ async def start_holder(
     hold_s: float,
     reap_interval_s: float = 2.0,
     front: bool = False,
+    job_id: int | None = None,
 ) -> WorkflowHandle[SlotHolderWorkflow, None]:
     POOL_TERMS[pool] = SemaphoreTerms(capacity=capacity, reap_interval_s=reap_interval_s)
     return await client.start_workflow(
         SlotHolderWorkflow.run,
-        HolderInput(pool=pool, hold_s=hold_s, front=front),
+        HolderInput(pool=pool, hold_s=hold_s, front=front, job_id=job_id),
         id=f"{pool}-{name}",
         task_queue=task_queue,
     )
@@ -215,6 +216,32 @@ async def test_a_front_lane_waiter_is_served_before_the_waiters_queued_earlier(
 
     await a.cancel()
     for handle in (front, *back):
+        assert await outcome(handle) == "completed"
+    assert sorted(queued.waiters, key=ledger.entered_at.__getitem__) == queued.waiters
+    assert ledger.max_seen == 1
+
+
+async def test_waiters_for_older_jobs_are_served_first_whatever_order_they_asked_in(
+    client: Client, task_queue: str, pool_name: str, ledger: Ledger
+) -> None:
+    a = await start_holder(client, task_queue, pool_name, "a", capacity=1, hold_s=3600)
+    await ledger.until(lambda: ledger.entries == 1, within_s=30)
+    waiters = []
+    # Arrival order as a burst of webhooks gives it: not the order the jobs were queued in.
+    for count, (name, job_id) in enumerate([("none", None), ("j30", 30), ("j10", 10), ("j20", 20)], start=1):
+        waiters.append(
+            (
+                name,
+                await start_holder(client, task_queue, pool_name, name, capacity=1, hold_s=0, job_id=job_id),
+            )
+        )
+        await until_status(client, pool_name, lambda s, count=count: len(s.waiters) == count)
+    ids = {name: await handle.query(SlotHolderWorkflow.request_id) for name, handle in waiters}
+    queued = await until_status(client, pool_name, lambda s: len(s.waiters) == 4)
+    assert queued.waiters == [ids["j10"], ids["j20"], ids["j30"], ids["none"]]
+
+    await a.cancel()
+    for _, handle in waiters:
         assert await outcome(handle) == "completed"
     assert sorted(queued.waiters, key=ledger.entered_at.__getitem__) == queued.waiters
     assert ledger.max_seen == 1

@@ -445,7 +445,14 @@ class RunnerJobWorkflow:
         # duplicate cannot take a slot nobody gives back): each slot in turn gets its own key.
         key = "" if self._leases_taken == 1 else f"slot{self._leases_taken}"
         # A job asking again had its runner taken by another job, which left the queue for it.
-        unit = _SlotUnit(lease=SlotLease(self._params.job.pool, key=key, front=self._leases_taken > 1))
+        unit = _SlotUnit(
+            lease=SlotLease(
+                self._params.job.pool,
+                key=key,
+                front=self._leases_taken > 1,
+                job_id=self._params.job.job_id,
+            )
+        )
         self._lease = unit.lease
         held = asyncio.create_task(self._hold(unit))
         try:

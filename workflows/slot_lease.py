@@ -80,15 +80,17 @@ class _GrantRouter:
 
 class SlotLease:
     """One request for one slot of `pool`; `key` tells apart the slots a workflow takes in turn,
-    and `front` asks to be served before the pool's ordinary waiters."""
+    `front` asks to be served before the pool's ordinary waiters, and `job_id` names the GitHub
+    job the slot is for, which orders the waiters (see `AcquireRequest.job_id`)."""
 
-    def __init__(self, pool: str, *, key: str = "", front: bool = False) -> None:
+    def __init__(self, pool: str, *, key: str = "", front: bool = False, job_id: int | None = None) -> None:
         info = workflow.info()
         # Unique per run (a continued-as-new or reset holder asks for a new slot), and per key:
         # the semaphore never grants a released request id again.
         self.request_id = f"{info.workflow_id}/{info.run_id}" + (f"/{key}" if key else "")
         self.pool = pool
         self._front = front
+        self._job_id = job_id
         self.granted = False
         self.granted_at: datetime | None = None
         # The semaphore said the grant is near: prepare what needs no slot now.
@@ -133,6 +135,7 @@ class SlotLease:
                 holder_run_id=info.run_id,
                 requested_at=workflow.now(),
                 front=self._front,
+                job_id=self._job_id,
             ),
         )
         # An activity, not a local one: a local activity runs inside the workflow task, and a
