@@ -349,6 +349,72 @@ async def test_a_job_whose_runner_took_a_long_job_gets_a_new_runner_without_wait
     await until(lambda: nothing_left(stack))
 
 
+async def _acted_on_in_progress_of(stack: EmbeddedStack, job_id: int, other_job: int) -> bool:
+    """A workflow task of the job's workflow completed after it was told its runner took `other_job`."""
+    told = False
+    async for e in job_handle(stack, job_id).fetch_history_events():
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            payload = e.workflow_execution_signaled_event_attributes.input.payloads
+            event = json.loads(payload[0].data) if payload else {}
+            told = told or (event.get("job_id") == other_job and event.get("action") == "in_progress")
+        elif told and e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+            return True
+    return False
+
+
+def _activities_scheduled(events: Sequence[HistoryEvent], name: str) -> int:
+    return sum(
+        1
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == name
+    )
+
+
+async def test_a_job_whose_runner_took_another_job_waits_for_its_own_webhook_before_asking_github(
+    stack_factory: StackFactory,
+) -> None:
+    # Runners started together take the queued jobs in the order they come online: ours takes
+    # an older job, and another runner takes ours a moment later. Its webhook is on the way, so
+    # asking GitHub at once would spend an API call (on the rate-limited queue) for nothing,
+    # and taking a second slot would start a runner with no job to take.
+    stack = await stack_factory(max_runners=1, reconcile_min_age_s=600.0)
+    sim = stack.simulator
+    sim.set_faults(FaultConfig(webhook_drop_rate=1.0, webhook_drop_actions=["queued"]))
+    (older,) = stack.queue_jobs(1, duration_s=1.0)
+    await sim.wait_for(lambda: any(d.job_id == older and d.dropped for d in sim.deliveries()), 10)
+    sim.set_faults(FaultConfig())
+    (job,) = stack.queue_jobs(1, duration_s=1.0)
+    await sim.wait_for(lambda: sim.job(older).runner_name == f"mayfly-{job}-a1", 60)
+    # Ours is taken only once our workflow has acted on the news that its runner took the other.
+    await until(lambda: _acted_on_in_progress_of(stack, job, older))
+    async with httpx.AsyncClient(base_url=sim.url, headers={"Authorization": f"Bearer {sim.token}"}) as api:
+        minted = await api.post(
+            f"/repos/{sim.owner}/{sim.repo}/actions/runners/generate-jitconfig",
+            json={"name": "foreign-1", "runner_group_id": 1, "labels": DEMO_LABELS},
+        )
+        assert minted.status_code == 201, minted.text
+        connected = await api.post(
+            "/_sim/agent/connect", json={"jitconfig": minted.json()["encoded_jit_config"]}
+        )
+        assert connected.status_code == 200, connected.text
+        agent = f"/_sim/agent/{connected.json()['runner_id']}"
+        session = {"X-Sim-Runner-Session": connected.json()["session_id"]}
+        took = await api.get(f"{agent}/job", params={"wait": 5}, headers=session)
+        assert took.status_code == 200 and took.json()["job_id"] == job
+        async with asyncio.timeout(60):
+            result = RunnerJobResult.model_validate(await job_handle(stack, job).result())
+        done = await api.post(
+            f"{agent}/complete", json={"job_id": job, "conclusion": "success"}, headers=session
+        )
+        assert done.status_code == 204, done.text
+    events = (await job_handle(stack, job).fetch_history()).events
+    assert _activities_scheduled(events, "github.job_status") == 0
+    assert _activities_scheduled(events, "slots.request") == 1
+    assert result.runners_spawned == 1 and result.served_by == "foreign-1"
+    await until(lambda: nothing_left_of_ours(stack))
+
+
 async def test_a_runner_still_connecting_when_another_runner_takes_its_job_is_torn_down_at_once(
     stack_factory: StackFactory,
 ) -> None:
