@@ -58,10 +58,6 @@ PERMANENT_ERROR_TYPES = frozenset(
     {"GitHubHTTP401", "GitHubHTTP403", "GitHubHTTP404", "GitHubHTTP422", "UnknownPool"}
 )
 FINISHED_EXIT_GRACE = timedelta(seconds=60)
-# Runners started together take the queued jobs in the order they come online, so a job whose
-# runner took another job was usually just taken by another runner too, and its webhook is a
-# moment behind. It is waited for this long before GitHub is asked (an API call per hand-off).
-HANDOFF_WEBHOOK_WAIT = timedelta(seconds=2)
 _JOB_ORDER: dict[str, int] = {"unknown": -1, "waiting": 0, "queued": 1, "in_progress": 2, "completed": 3}
 # GitHub's states before a job is queued; none of them can take a runner yet.
 _NOT_YET_QUEUED = frozenset({"waiting", "pending", "requested"})
@@ -411,8 +407,7 @@ class RunnerJobWorkflow:
                 # Our last runner ran some job and we have not heard which: most likely ours,
                 # with its webhooks still on the way. Asked without holding a slot.
                 self._ask_before_next_slot = False
-                if not await self._job_taken_within(HANDOFF_WEBHOOK_WAIT):
-                    await self._ask_github("a runner of ours ran a job; was it this one?")
+                await self._ask_github("a runner of ours ran a job; was it this one?")
                 continue
             await self._serve_with_slot()
             if self._continue_as_new_due() and self._job_needs_runner():
@@ -422,19 +417,6 @@ class RunnerJobWorkflow:
             return "cancelled-before-start" if self._job_status == "completed" else "served-elsewhere"
         self._set_phase(JobPhase.DONE, f"served by `{self._served_by or 'a runner GitHub did not name'}`")
         return "served" if self._runners_started else "served-elsewhere"
-
-    async def _job_taken_within(self, wait: timedelta) -> bool:
-        if self._remaining() <= timedelta(0):
-            return False
-        try:
-            await workflow.wait_condition(
-                lambda: not self._job_needs_runner(),
-                timeout=min(wait, self._remaining()),
-                timeout_summary="a webhook says which runner took the job",
-            )
-        except TimeoutError:
-            return False
-        return True
 
     async def _wait_for_approval(self) -> None:
         """A job held by an environment protection rule can take no runner: hold nothing until
