@@ -209,7 +209,7 @@ async def main() -> None:
     print(mayfly.row())
     print(naive.row())
     print(
-        f"mayfly vs naive: makespan x{naive.makespan_s / mayfly.makespan_s:.2f} faster, "
+        f"mayfly/naive makespan {mayfly.makespan_s / naive.makespan_s:.2f} (happy-path target <= 1.10), "
         f"{mayfly.completed - naive.completed} more jobs completed; "
         f"occupancy target 97%: measured/target {occupancy / 0.97:.2f}"
     )
