@@ -21,7 +21,7 @@ from activities.owners import owner_running, workflow_status
 from mayfly.backends import BackendError, ContainerBackend, ContainerRecord, ContainerState
 from mayfly.config import MayflySettings
 from mayfly.dispatch import DispatchUnavailable, JobDispatcher
-from mayfly.github import GitHubClient, Runner
+from mayfly.github import GitHubClient, Runner, WorkflowJob
 from mayfly.github_errors import GitHubError, RunnerBusy
 from mayfly.models import RUNNER_JOB_WORKFLOW, JobEvent, JobInfo, job_workflow_id
 from mayfly.warm import owner_workflow_of
@@ -75,6 +75,13 @@ class SweepActivities:
 
     def _client(self, scope: str) -> GitHubClient:
         return client_for_scope(self._clients, scope)
+
+    async def _still_open(self, scope: str, job: WorkflowJob) -> bool:
+        try:
+            current = await self._client(scope).get_job(job.repository, job.id)
+        except GitHubError as error:
+            raise github_failure(error) from None
+        return current is not None and current.status in ("queued", "waiting")
 
     @activity.defn(name="sweep.containers")
     async def containers(self, pool: str) -> SweepReport:
@@ -148,6 +155,10 @@ class SweepActivities:
             if status == WorkflowExecutionStatus.RUNNING:
                 continue  # started after the listing
             if job.created_at is not None and job.created_at < oldest:
+                continue
+            if status is not None and not await self._still_open(scope, job):
+                # Served since the listing was taken: a listing of thousands of jobs, walked by
+                # a loaded worker, is minutes old by the time it reaches the last of them.
                 continue
             if status is not None:
                 runs = (await client.count_workflows(f'WorkflowId = "{workflow_id}"')).count

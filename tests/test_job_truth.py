@@ -19,7 +19,8 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from bench.phases import is_slot_release
 from mayfly.app.embedded import DEMO_LABELS, EmbeddedStack
 from mayfly.backends import ContainerBackend, ContainerRecord, ContainerState
-from mayfly.models import JobPhase, RunnerJobResult, job_workflow_id
+from mayfly.github import GitHubClient, WorkflowJob
+from mayfly.models import DEFAULT_SCOPE, JobPhase, RunnerJobResult, job_workflow_id
 from simulator import FaultConfig
 from simulator.runner import START_DELAY_ENV
 from tests.backends import DelegatingBackend
@@ -255,6 +256,47 @@ async def test_a_job_whose_workflow_failed_while_still_queued_is_restarted_by_th
     assert runs.count == 2
     await job_handle(stack, job_id).result()
     await until(lambda: nothing_left(stack))
+
+
+async def test_the_reconciler_does_not_restart_a_job_served_since_its_listing_was_taken(
+    stack_factory: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At thousands of queued jobs the reconciler's listing is minutes old by the time it reaches
+    # the last of them; a job served meanwhile has a closed workflow and must not get another.
+    stack = await stack_factory(max_runners=1, reconcile_min_age_s=0.0)
+    (job_id,) = stack.queue_jobs(1, duration_s=0.5)
+    await stack.wait_workflow_started(job_id)
+    taken_while_queued = [job for job in await stack_listing(stack) if job.id == job_id]
+    assert [job.status for job in taken_while_queued] == ["queued"]
+    await job_handle(stack, job_id).result()
+    assert stack.simulator.job(job_id).status == "completed"
+
+    listings = 0
+    listed = asyncio.Event()
+
+    async def stale_listing(self: GitHubClient, *, min_age_s: float = 0.0) -> list[WorkflowJob]:
+        nonlocal listings
+        listings += 1
+        listed.set()
+        return taken_while_queued
+
+    monkeypatch.setattr(GitHubClient, "list_open_jobs", stale_listing)
+    # The second listing starts a pass after the first one ended: that pass saw the stale job.
+    async with asyncio.timeout(60):
+        while listings < 2:
+            listed.clear()
+            await listed.wait()
+    runs = await stack.client.count_workflows(f'WorkflowId = "{job_workflow_id(job_id)}"')
+    assert runs.count == 1
+
+
+async def stack_listing(stack: EmbeddedStack) -> list[WorkflowJob]:
+    assert stack.settings is not None
+    github = GitHubClient(stack.settings.github_scopes[DEFAULT_SCOPE])
+    try:
+        return await github.list_open_jobs()
+    finally:
+        await github.aclose()
 
 
 async def test_a_queued_job_inside_a_running_matrix_is_found_by_the_reconciler(
