@@ -17,6 +17,7 @@ from temporalio import activity, workflow
 with workflow.unsafe.imports_passed_through():
     from activities.slots import SlotActivities
     from mayfly.models import ReleaseRequest, SlotGrant, SlotRelease, SlotSoon
+    from workflows.shield import uncancellable
     from workflows.slot_lease import SlotLease
 
 
@@ -102,15 +103,22 @@ class SlotHolderWorkflow:
         # Activities, not local ones: a local activity runs again when the workflow task that
         # ran it fails (a signal arrived as it completed), and the ledger would count that
         # second entry as a slot granted twice.
-        await workflow.execute_activity_method(
-            Ledger.enter, request_id, start_to_close_timeout=timedelta(seconds=5)
-        )
+        # Both run to their end even when the holder is cancelled meanwhile. A cancelled activity
+        # call returns at once but the activity may still run later: an enter would then stand
+        # in the ledger with no exit, and a slot given back would look held for ever after.
         try:
+            await uncancellable(
+                workflow.execute_activity_method(
+                    Ledger.enter, request_id, start_to_close_timeout=timedelta(seconds=5)
+                )
+            )
             if hold_s > 0:
                 await workflow.sleep(hold_s)
         finally:
-            await workflow.execute_activity_method(
-                Ledger.exit, request_id, start_to_close_timeout=timedelta(seconds=5)
+            await uncancellable(
+                workflow.execute_activity_method(
+                    Ledger.exit, request_id, start_to_close_timeout=timedelta(seconds=5)
+                )
             )
 
 
