@@ -66,10 +66,7 @@ class WaiterQueue:
         job_id = request.job_id
         key = (0 if job_id is not None else 1, job_id or 0, next(self._arrivals), rid)
         self._back_keys[rid] = key
-        if not self._back or self._back[-1] < key:
-            self._back.append(key)
-        else:
-            bisect.insort(self._back, key)
+        bisect.insort(self._back, key)
 
     def push(self, request: AcquireRequest) -> bool:
         """False when the queue is full; a duplicate is a no-op that reports True."""

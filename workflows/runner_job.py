@@ -532,11 +532,7 @@ class RunnerJobWorkflow:
         return await self._github_call(lambda: self._start_mint(track.name))
 
     def _start_mint(self, name: str) -> Awaitable[MintedRunner]:
-        recipe = self._params.recipe
-        return self._finish_despite_cancel(
-            steps.start_mint(recipe.mint_request(name), recipe.registration_timeout_s, self._github_queue()),
-            stop_it=False,
-        )
+        return self._finish_despite_cancel(steps.start_mint(self._params.recipe, name), stop_it=False)
 
     async def _hold_slot_runners(self, unit: _SlotUnit, ahead: _MintAhead) -> None:
         lease = unit.lease

@@ -26,7 +26,6 @@ with workflow.unsafe.imports_passed_through():
         ContainerSpec,
         DeregisterOutcome,
         MintedRunner,
-        MintRequest,
         RunnerRecipe,
         RunnerRef,
         RunnerStatus,
@@ -72,15 +71,13 @@ def on_github(
     )
 
 
-def start_mint(
-    request: MintRequest, registration_timeout_s: float, github_queue: str | None
-) -> asyncio.Task[MintedRunner]:
+def start_mint(recipe: RunnerRecipe, runner_name: str) -> asyncio.Task[MintedRunner]:
     return on_github(
         GitHubActivities.mint_runner,
-        request,
-        summary=f"mint {request.runner_name}",
-        github_queue=github_queue,
-        give_up_after=timedelta(seconds=registration_timeout_s * 3),
+        recipe.mint_request(runner_name),
+        summary=f"mint {runner_name}",
+        github_queue=recipe.github_task_queue or None,
+        give_up_after=timedelta(seconds=recipe.registration_timeout_s * 3),
     )
 
 

@@ -181,8 +181,7 @@ class WarmRunnerWorkflow:
             task = self._start_mint()
 
     def _start_mint(self) -> asyncio.Task[MintedRunner]:
-        recipe = self._params.recipe
-        return steps.start_mint(recipe.mint_request(self._name), recipe.registration_timeout_s, self._queue())
+        return steps.start_mint(self._params.recipe, self._name)
 
     def _queue(self) -> str | None:
         return self._params.recipe.github_task_queue or None
