@@ -2,38 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Coroutine, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import TypeVar
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.errors import backend_failure, redacted
+from activities.heartbeat import heartbeating
 from mayfly.backends import BackendError, ContainerBackend, ContainerRecord, ContainerState
 from mayfly.models import ContainerExit, ContainerRef, ContainerSpec
 from mayfly.sealing import Sealer, SealingError
 
 T = TypeVar("T")
-
-
-HEARTBEAT_EVERY_S = 10.0
-
-
-async def _heartbeating(work: Coroutine[Any, Any, T], *details: Any) -> T:
-    """A GPU sandbox create can block for minutes; heartbeats keep the activity visibly alive
-    and let a cancellation reach it."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY_S)
-            if done:
-                return task.result()
-            activity.heartbeat(*details)
-    finally:
-        if not task.done():
-            task.cancel()
 
 
 async def _running(backend: ContainerBackend, name: str, owner_workflow_id: str) -> ContainerRecord | None:
@@ -103,7 +85,7 @@ class ContainerActivities:
         except SealingError as error:
             raise ApplicationError(str(error), type="SealingError", non_retryable=True) from None
         try:
-            record = await _heartbeating(
+            record = await heartbeating(
                 backend.spawn(
                     name=spec.name,
                     owner_workflow_id=spec.owner_workflow_id,

@@ -12,11 +12,12 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 from temporalio import activity
-from temporalio.client import WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 
 from activities.errors import backend_failure, github_failure
 from activities.github import client_for_scope
+from activities.heartbeat import heartbeating
 from activities.owners import owner_running, workflow_status
 from mayfly.backends import BackendError, ContainerBackend, ContainerRecord, ContainerState
 from mayfly.config import MayflySettings
@@ -61,6 +62,11 @@ async def remove_orphans(
     return report
 
 
+async def _running_job_workflows(client: Client) -> set[str]:
+    query = f'WorkflowType = "{RUNNER_JOB_WORKFLOW}" AND ExecutionStatus = "Running"'
+    return {execution.id async for execution in client.list_workflows(query)}
+
+
 class SweepActivities:
     def __init__(
         self,
@@ -94,7 +100,7 @@ class SweepActivities:
             return True
 
         try:
-            records = await backend.list()
+            records = await heartbeating(backend.list(), "listing")
             running = [(r, r.name, r.owner_workflow_id) for r in records if r.state is ContainerState.RUNNING]
             return await remove_orphans("container", running, terminate)
         except BackendError as error:
@@ -115,7 +121,8 @@ class SweepActivities:
             return True
 
         try:
-            named = [(r, r.name, owner_workflow_of(r.name, prefix)) for r in await github.list_runners()]
+            runners = await heartbeating(github.list_runners(), "listing")
+            named = [(r, r.name, owner_workflow_of(r.name, prefix)) for r in runners]
             return await remove_orphans("runner registration", named, delete)
         except GitHubError as error:
             raise github_failure(error) from None
@@ -132,18 +139,15 @@ class SweepActivities:
         report = SweepReport()
         settings = self._settings
         try:
-            open_jobs = await self._client(scope).list_open_jobs(min_age_s=settings.reconcile_min_age_s)
+            open_jobs = await heartbeating(
+                self._client(scope).list_open_jobs(min_age_s=settings.reconcile_min_age_s), "listing"
+            )
         except GitHubError as error:
             raise github_failure(error) from None
         if not open_jobs:
             return report
         client = activity.client()
-        running = {
-            execution.id
-            async for execution in client.list_workflows(
-                f'WorkflowType = "{RUNNER_JOB_WORKFLOW}" AND ExecutionStatus = "Running"'
-            )
-        }
+        running = await heartbeating(_running_job_workflows(client), "listing workflows")
         oldest = datetime.now(UTC) - timedelta(seconds=settings.job_deadline_s)
         for job in open_jobs:
             report.checked += 1

@@ -166,6 +166,12 @@ async def main() -> None:
         f"semaphore workflow tasks: max {history.max_task_s * 1000:.0f} ms "
         f"(target well under 1000 ms; measured/target {history.max_task_s:.2f})"
     )
+    for index, run in history.slowest_tasks(5):
+        print(
+            f"  run {index}: slowest task {run.max_task_s * 1000:.0f} ms at event "
+            f"{run.slowest_task_event_id}, after {run.slowest_task_signals} signals; "
+            f"carried state {run.input_bytes / 1024:.0f} KiB"
+        )
     print(
         f"semaphore runs: {len(runs)}; events per run max {max(r.events for r in runs)}, "
         f"mean {sum(r.events for r in runs) / len(runs):.0f}; history bytes per run max "

@@ -34,6 +34,11 @@ class SemaphoreRun:
     input_bytes: int = 0
     continued_as_new: bool = False
     max_task_s: float = 0.0
+    # The slowest task: its started event id and the signals that arrived in the history before
+    # it started since the previous task (what it had to handle), to tell a run's first task
+    # (unpacking the carried queue) from a burst of signals.
+    slowest_task_event_id: int = 0
+    slowest_task_signals: int = 0
     task_failures: list[str] = field(default_factory=list)
 
 
@@ -53,6 +58,11 @@ class SemaphoreHistory:
     @property
     def max_task_s(self) -> float:
         return max((run.max_task_s for run in self.runs), default=0.0)
+
+    def slowest_tasks(self, count: int) -> list[tuple[int, SemaphoreRun]]:
+        """The runs with the slowest tasks, slowest first, with each run's index."""
+        indexed = sorted(enumerate(self.runs), key=lambda pair: pair[1].max_task_s, reverse=True)
+        return indexed[:count]
 
     def fifo_violations(self) -> int:
         """Grants that overtook an earlier acquire still waiting (holders released unseen count
@@ -90,8 +100,13 @@ async def read_semaphore_history(client: Client, pool: str) -> SemaphoreHistory:
             history_bytes=description.raw_info.history_size_bytes,
         )
         task_started_at = None
+        task_started_id = 0
+        signals_since_task = 0
+        signals_for_task = 0
         async for event in handle.fetch_history_events():
             kind = event.event_type
+            if kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+                signals_since_task += 1
             if kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
                 run.input_bytes = sum(
                     len(p.data) for p in event.workflow_execution_started_event_attributes.input.payloads
@@ -100,9 +115,14 @@ async def read_semaphore_history(client: Client, pool: str) -> SemaphoreHistory:
                 run.continued_as_new = True
             elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED:
                 task_started_at = event.event_time.ToDatetime()
+                task_started_id = event.event_id
+                signals_for_task, signals_since_task = signals_since_task, 0
             elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED and task_started_at is not None:
                 took = (event.event_time.ToDatetime() - task_started_at).total_seconds()
-                run.max_task_s = max(run.max_task_s, took)
+                if took > run.max_task_s:
+                    run.max_task_s = took
+                    run.slowest_task_event_id = task_started_id
+                    run.slowest_task_signals = signals_for_task
             elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
                 cause = event.workflow_task_failed_event_attributes.cause
                 run.task_failures.append(WorkflowTaskFailedCause.Name(cause))
