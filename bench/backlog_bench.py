@@ -169,7 +169,8 @@ async def main() -> None:
     for index, run in history.slowest_tasks(5):
         print(
             f"  run {index}: slowest task {run.max_task_s * 1000:.0f} ms at event "
-            f"{run.slowest_task_event_id}, after {run.slowest_task_signals} signals; "
+            f"{run.slowest_task_event_id}, after {run.slowest_task_signals} signals"
+            f"{' (a replay: the task before it failed)' if run.slowest_task_replayed else ''}; "
             f"carried state {run.input_bytes / 1024:.0f} KiB"
         )
     print(

@@ -39,6 +39,8 @@ class SemaphoreRun:
     # (unpacking the carried queue) from a burst of signals.
     slowest_task_event_id: int = 0
     slowest_task_signals: int = 0
+    # A task after a failed one replays the run's whole history (the worker dropped its cache).
+    slowest_task_replayed: bool = False
     task_failures: list[str] = field(default_factory=list)
 
 
@@ -103,6 +105,7 @@ async def read_semaphore_history(client: Client, pool: str) -> SemaphoreHistory:
         task_started_id = 0
         signals_since_task = 0
         signals_for_task = 0
+        last_task_failed = replaying = False
         async for event in handle.fetch_history_events():
             kind = event.event_type
             if kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
@@ -117,13 +120,17 @@ async def read_semaphore_history(client: Client, pool: str) -> SemaphoreHistory:
                 task_started_at = event.event_time.ToDatetime()
                 task_started_id = event.event_id
                 signals_for_task, signals_since_task = signals_since_task, 0
+                replaying = last_task_failed
             elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED and task_started_at is not None:
                 took = (event.event_time.ToDatetime() - task_started_at).total_seconds()
+                last_task_failed = False
                 if took > run.max_task_s:
                     run.max_task_s = took
                     run.slowest_task_event_id = task_started_id
                     run.slowest_task_signals = signals_for_task
+                    run.slowest_task_replayed = replaying
             elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
+                last_task_failed = True
                 cause = event.workflow_task_failed_event_attributes.cause
                 run.task_failures.append(WorkflowTaskFailedCause.Name(cause))
             elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:

@@ -545,3 +545,67 @@ async def test_a_poll_overtaken_by_a_late_webhook_is_settled_before_the_workflow
         assert _scheduled(events, "github.wait_online"), f"job {job_id} never polled"
         assert _activities_left_open(events) == [], f"job {job_id} closed with activities still open"
     await until(lambda: nothing_left(stack))
+
+
+class _GatedSpawns(DelegatingBackend):
+    """Holds back the spawn of named runners until the test opens their gate, and tells the test
+    when each spawn was asked for."""
+
+    def __init__(self, inner: ContainerBackend) -> None:
+        super().__init__(inner)
+        self.gates: dict[str, asyncio.Event] = {}
+        self.asked: dict[str, asyncio.Event] = {}
+
+    def gate(self, name: str) -> asyncio.Event:
+        self.asked[name] = asyncio.Event()
+        return self.gates.setdefault(name, asyncio.Event())
+
+    async def spawn(
+        self, *, name: str, owner_workflow_id: str, job_id: int, jit_config: str, max_lifetime_s: float
+    ) -> ContainerRecord:
+        if name in self.gates:
+            self.asked[name].set()
+            await self.gates[name].wait()
+        return await super().spawn(
+            name=name,
+            owner_workflow_id=owner_workflow_id,
+            job_id=job_id,
+            jit_config=jit_config,
+            max_lifetime_s=max_lifetime_s,
+        )
+
+
+async def test_a_runner_whose_job_a_sibling_runner_took_is_kept_for_the_sibling_job(
+    stack_factory: StackFactory,
+) -> None:
+    # Two jobs, two slots. The newer job's runner comes online first and takes the older job
+    # (GitHub gives the oldest queued job). The older job's runner, still starting, must not be
+    # torn down as surplus: it is the newer job's runner now. Tearing it down and starting a
+    # third runner cost every such swap a runner start-up, the happy path's largest overhead.
+    gated: list[_GatedSpawns] = []
+
+    def gate_spawns(inner: ContainerBackend) -> ContainerBackend:
+        gated.append(_GatedSpawns(inner))
+        return gated[0]
+
+    stack = await stack_factory(max_runners=2, wrap_backend=gate_spawns)
+    sim = stack.simulator
+    older, newer = stack.queue_jobs(2, duration_s=10.0)
+    spawns = gated[0]
+    older_runner, newer_runner = f"mayfly-{older}-a1", f"mayfly-{newer}-a1"
+    older_go, newer_go = spawns.gate(older_runner), spawns.gate(newer_runner)
+    async with asyncio.timeout(60):
+        await spawns.asked[older_runner].wait()
+    newer_go.set()
+    await sim.wait_for(lambda: sim.job(older).status == "in_progress", 60)
+    assert sim.job(older).runner_name == newer_runner
+    older_go.set()
+    await sim.wait_for(lambda: sim.job(newer).status != "queued", 60)
+    assert sim.job(newer).runner_name == older_runner
+    async with asyncio.timeout(90):
+        results = [
+            RunnerJobResult.model_validate(await job_handle(stack, j).result()) for j in (older, newer)
+        ]
+    assert [r.runners_spawned for r in results] == [1, 1]
+    assert [r.outcome for r in results] == ["served", "served"]
+    await until(lambda: nothing_left(stack))

@@ -41,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
         RunnerJobResult,
         RunnerJobState,
         RunnerRef,
+        owner_job_of,
         runner_name_for,
     )
     from workflows import runner_steps as steps
@@ -58,6 +59,14 @@ PERMANENT_ERROR_TYPES = frozenset(
     {"GitHubHTTP401", "GitHubHTTP403", "GitHubHTTP404", "GitHubHTTP422", "UnknownPool"}
 )
 FINISHED_EXIT_GRACE = timedelta(seconds=60)
+# Runners started together take the queued jobs in the order they come online, not the order of
+# the jobs they were started for: a runner of ours that took another job of ours left that job
+# without one. The runner still starting for the job it took is kept for such a job, and the job
+# waits this long for it (a webhook saying so) before it asks GitHub and takes a slot again.
+SWAP_WEBHOOK_WAIT = timedelta(seconds=3)
+# GitHub gives a queued job to an idle runner within moments: a spare still idle this long
+# after it came online has no job left to take.
+SPARE_IDLE_LIMIT = timedelta(seconds=5)
 _JOB_ORDER: dict[str, int] = {"unknown": -1, "waiting": 0, "queued": 1, "in_progress": 2, "completed": 3}
 # GitHub's states before a job is queued; none of them can take a runner yet.
 _NOT_YET_QUEUED = frozenset({"waiting", "pending", "requested"})
@@ -74,6 +83,11 @@ class _RunnerTrack:
     # GitHub gave it another job while ours still needs a runner: it finishes that job in the
     # background, under its own slot, while the workflow's phase follows the job's next runner.
     detached: bool = False
+    # Our job went to a runner started for another job of ours, which is left without one: this
+    # runner, not yet busy then, is kept for it (it takes the oldest queued job) instead of
+    # being torn down as surplus while a new one is started for that job.
+    spare_since: datetime | None = None
+    spare_expired: bool = False
 
 
 @dataclass
@@ -190,6 +204,21 @@ class RunnerJobWorkflow:
             self._job_status = learned
         if runner_name and status in ("in_progress", "completed"):
             self._served_by = runner_name
+            runner = self._runner
+            if (
+                self._swapped_with() is not None
+                and runner is not None
+                and runner.assigned_job is None
+                and runner.spare_since is None
+            ):
+                runner.spare_since = workflow.now()
+
+    def _swapped_with(self) -> int | None:
+        """The job of ours whose runner took this job, if one did."""
+        if self._served_by is None:
+            return None
+        owner = owner_job_of(self._served_by, self._params.recipe.runner_name_prefix)
+        return owner if owner != self._params.job.job_id else None
 
     def _job_needs_runner(self) -> bool:
         return self._job_status == "queued"
@@ -405,9 +434,11 @@ class RunnerJobWorkflow:
                 break
             if self._ask_before_next_slot:
                 # Our last runner ran some job and we have not heard which: most likely ours,
-                # with its webhooks still on the way. Asked without holding a slot.
+                # taken by the runner of the job ours took (kept for us) or with its webhooks
+                # still on the way. Asked without holding a slot.
                 self._ask_before_next_slot = False
-                await self._ask_github("a runner of ours ran a job; was it this one?")
+                if not await self._job_taken_within(SWAP_WEBHOOK_WAIT):
+                    await self._ask_github("a runner of ours ran a job; was it this one?")
                 continue
             await self._serve_with_slot()
             if self._continue_as_new_due() and self._job_needs_runner():
@@ -417,6 +448,19 @@ class RunnerJobWorkflow:
             return "cancelled-before-start" if self._job_status == "completed" else "served-elsewhere"
         self._set_phase(JobPhase.DONE, f"served by `{self._served_by or 'a runner GitHub did not name'}`")
         return "served" if self._runners_started else "served-elsewhere"
+
+    async def _job_taken_within(self, wait: timedelta) -> bool:
+        if self._remaining() <= timedelta(0):
+            return False
+        try:
+            await workflow.wait_condition(
+                lambda: not self._job_needs_runner(),
+                timeout=min(wait, self._remaining()),
+                timeout_summary="a webhook says which runner took the job",
+            )
+        except TimeoutError:
+            return False
+        return True
 
     async def _wait_for_approval(self) -> None:
         """A job held by an environment protection rule can take no runner: hold nothing until
@@ -650,8 +694,10 @@ class RunnerJobWorkflow:
         return False
 
     def _surplus(self, track: _RunnerTrack) -> bool:
-        """Our job went to another runner (or was cancelled) and this one has no job of its own."""
-        return track.assigned_job is None and not self._job_needs_runner()
+        """Our job went to another runner (or was cancelled) and this one has no job of its own,
+        nor is it kept for the job whose runner took ours."""
+        kept = track.spare_since is not None and not track.spare_expired
+        return track.assigned_job is None and not self._job_needs_runner() and not kept
 
     async def _confirm_registration(
         self, track: _RunnerTrack, minted: MintedRunner, exit_task: asyncio.Task[ContainerExit]
@@ -687,6 +733,17 @@ class RunnerJobWorkflow:
 
         job_id = params.job.job_id
         while not exit_task.done() and not surplus():
+            if track.spare_since is not None and track.assigned_job is None:
+                spare_end = max(track.spare_since, registered_at) + SPARE_IDLE_LIMIT
+                if workflow.now() >= spare_end:
+                    track.spare_expired = True
+                    continue
+                self._set_phase(
+                    JobPhase.RUNNING,
+                    f"`{track.name}` is kept for job {self._swapped_with()}, whose runner took this job",
+                )
+                await self._wait_for_runner_news(track, exit_task, spare_end, "a job for the spare runner")
+                continue
             if track.assigned_job not in (None, job_id) and self._job_needs_runner() and not unit.handed_off:
                 track.detached = unit.handed_off = True
                 workflow.logger.info(
@@ -725,15 +782,21 @@ class RunnerJobWorkflow:
                 if now >= track.finished_at + FINISHED_EXIT_GRACE:
                     self._last_error = f"{track.name} did not exit after its job; reaped"
                     return
-            seen = self._events_seen
-            try:
-                await workflow.wait_condition(
-                    lambda seen=seen: exit_task.done() or surplus() or self._events_seen != seen,  # type: ignore[misc]
-                    timeout=deadline - now,
-                    timeout_summary="runner idle/lifetime limit",
-                )
-            except TimeoutError:
-                pass
+            await self._wait_for_runner_news(track, exit_task, deadline, "runner idle/lifetime limit")
+
+    async def _wait_for_runner_news(
+        self, track: _RunnerTrack, exit_task: asyncio.Task[ContainerExit], until: datetime, summary: str
+    ) -> None:
+        """Until the runner exits or is surplus, a webhook arrives, or `until`."""
+        seen = self._events_seen
+        try:
+            await workflow.wait_condition(
+                lambda: exit_task.done() or self._surplus(track) or self._events_seen != seen,
+                timeout=until - workflow.now(),
+                timeout_summary=summary,
+            )
+        except TimeoutError:
+            pass
 
     async def _teardown(
         self,
