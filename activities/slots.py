@@ -33,6 +33,7 @@ from mayfly.models import (
     SlotRecheck,
     SlotRelease,
     SlotRequest,
+    semaphore_task_queue,
     semaphore_workflow_id,
 )
 
@@ -44,8 +45,17 @@ ACQUIRE_SIGNAL_GAP_S = 0.1
 
 
 class SlotActivities:
-    def __init__(self, backends: Mapping[str, ContainerBackend], terms: Mapping[str, SemaphoreTerms]) -> None:
+    def __init__(
+        self,
+        backends: Mapping[str, ContainerBackend],
+        terms: Mapping[str, SemaphoreTerms],
+        task_queue: str | None = None,
+    ) -> None:
+        """`task_queue`: the workers' main queue, where job workflows and host sweepers run; the
+        semaphores run on its slots queue. None: a semaphore runs on the queue of the holder that
+        brought it to life, as do the host sweepers."""
         self._backends = backends
+        self._task_queue = task_queue
         # Read at every call, so a caller may add pools after construction (tests do).
         self._terms = terms
         # Thousands of jobs queued within a minute would otherwise send a semaphore a signal
@@ -106,7 +116,7 @@ class SlotActivities:
             "SlotSemaphore",
             SemaphoreInput(pool=pool, capacity=terms.capacity, reap_interval_s=terms.reap_interval_s),
             id=semaphore_workflow_id(pool),
-            task_queue=task_queue,
+            task_queue=semaphore_task_queue(self._task_queue) if self._task_queue else task_queue,
             start_signal=signal,
             start_signal_args=[payload],
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
@@ -222,7 +232,9 @@ class SlotActivities:
                 continue
             if backend is not None and backend.host_bound:
                 if hosts is None:
-                    hosts = await host_reports(activity.client(), activity.info().task_queue)
+                    hosts = await host_reports(
+                        activity.client(), self._task_queue or activity.info().task_queue
+                    )
                 request = holder.request
                 if not await gone_from_every_host(
                     activity.client(), hosts, request.holder_workflow_id, request.holder_run_id

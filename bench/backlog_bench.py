@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import sys
 import time
@@ -31,7 +32,7 @@ from bench.cpu import dev_server_cpu_s, own_cpu_s
 from bench.semaphore_history import BENIGN_TASK_FAILURES, read_semaphore_history
 from bench.slot_holder import HolderInput, Ledger, LightSlotHolderWorkflow
 from mayfly.devserver import local_environment
-from mayfly.models import SemaphoreTerms, waiter_recheck_s
+from mayfly.models import SemaphoreTerms, semaphore_task_queue, waiter_recheck_s
 from mayfly.temporal import WORKFLOW_RUNNER
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
 
@@ -86,6 +87,9 @@ async def main() -> None:
     parser.add_argument("--cap", type=int, default=20)
     parser.add_argument("--enqueue-s", type=float, default=100.0, help="start all acquirers within this")
     parser.add_argument("--hold-s", type=float, default=0.0)
+    parser.add_argument(
+        "--shared-queue", action="store_true", help="run the semaphore on the holders' task queue"
+    )
     # The product's default: waiters recheck every 30 reap intervals (10 minutes).
     parser.add_argument("--reap-interval-s", type=float, default=20.0)
     parser.add_argument("--drain-timeout-s", type=float, default=1800.0)
@@ -100,20 +104,33 @@ async def main() -> None:
     stop_sampling = asyncio.Event()
     sampler = asyncio.create_task(sample_rss(peak_rss, stop_sampling))
     cpu0, server_cpu0 = own_cpu_s(), dev_server_cpu_s()
-    async with Worker(
-        client,
-        task_queue=task_queue,
-        workflows=[SlotSemaphoreWorkflow, LightSlotHolderWorkflow],
-        activities=[
-            *SlotActivities(
-                {}, {pool: SemaphoreTerms(capacity=args.cap, reap_interval_s=args.reap_interval_s)}
-            ).all(),
-            ledger.enter,
-            ledger.exit,
-        ],
-        # The product worker's sandbox settings (see mayfly.temporal), so the figures are its own.
-        workflow_runner=WORKFLOW_RUNNER,
-    ):
+    terms = {pool: SemaphoreTerms(capacity=args.cap, reap_interval_s=args.reap_interval_s)}
+    # As the product worker runs them (see mayfly.app.wiring), unless told to share the queue.
+    semaphore_queue = None if args.shared_queue else semaphore_task_queue(task_queue)
+    slots = SlotActivities({}, terms, None if args.shared_queue else task_queue)
+    workers = [
+        Worker(
+            client,
+            task_queue=task_queue,
+            workflows=[LightSlotHolderWorkflow, *([] if semaphore_queue else [SlotSemaphoreWorkflow])],
+            activities=[*slots.all(), ledger.enter, ledger.exit],
+            # The product worker's sandbox settings (see mayfly.temporal), so the figures are its own.
+            workflow_runner=WORKFLOW_RUNNER,
+        )
+    ]
+    if semaphore_queue:
+        workers.append(
+            Worker(
+                client,
+                task_queue=semaphore_queue,
+                workflows=[SlotSemaphoreWorkflow],
+                activities=slots.all(),
+                workflow_runner=WORKFLOW_RUNNER,
+            )
+        )
+    async with contextlib.AsyncExitStack() as running:
+        for worker in workers:
+            await running.enter_async_context(worker)
         t0 = time.monotonic()
         enqueue_task = asyncio.create_task(enqueue(client, task_queue, pool, args))
         await ledger.until(lambda: ledger.entries >= 1, within_s=120)

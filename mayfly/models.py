@@ -452,6 +452,13 @@ def host_task_queue(task_queue: str, host_id: str) -> str:
     return f"{task_queue}-host-{host_id}"
 
 
+def semaphore_task_queue(task_queue: str) -> str:
+    """The queue the pools' semaphores run on, apart from the job workflows: a semaphore's task
+    must not wait behind thousands of job workflows' tasks (after a continue-as-new races with a
+    signal, its replay went to the shared queue's back, and 700 signals piled up meanwhile)."""
+    return f"{task_queue}-slots"
+
+
 def watch_task_queue(task_queue: str) -> str:
     """Shared by every worker, for watching containers that any worker can reach (Modal)."""
     return f"{task_queue}-watch"

@@ -10,6 +10,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 
 from mayfly.app.embedded import EmbeddedStack
 from mayfly.backends import ContainerState
+from mayfly.models import semaphore_task_queue, semaphore_workflow_id
 from simulator.probe import ConcurrencyProbe
 
 CAP = 3
@@ -38,7 +39,7 @@ async def probed_stack(
 
 
 async def test_ten_jobs_cap_three_all_run_and_nothing_leaks(
-    probed_stack: tuple[EmbeddedStack, ConcurrencyProbe],
+    probed_stack: tuple[EmbeddedStack, ConcurrencyProbe], task_queue: str, pool_name: str
 ) -> None:
     stack, probe = probed_stack
     job_ids = stack.queue_jobs(10, duration_s=1.0)
@@ -59,6 +60,9 @@ async def test_ten_jobs_cap_three_all_run_and_nothing_leaks(
     semaphore = await stack.semaphore_status()
     assert semaphore.holders == [] and semaphore.waiters == []
     assert semaphore.granted_total >= len(job_ids)
+    # Its own queue: its tasks never wait behind the job workflows' on the main one.
+    description = await stack.client.get_workflow_handle(semaphore_workflow_id(pool_name)).describe()
+    assert description.task_queue == semaphore_task_queue(task_queue)
     running = [r.name for r in await stack.backend.list() if r.state is ContainerState.RUNNING]
     assert running == []
     assert probe.held_now() == 0, "a runner process is still alive"

@@ -560,19 +560,10 @@ class _GatedSpawns(DelegatingBackend):
         self.asked[name] = asyncio.Event()
         return self.gates.setdefault(name, asyncio.Event())
 
-    async def spawn(
-        self, *, name: str, owner_workflow_id: str, job_id: int, jit_config: str, max_lifetime_s: float
-    ) -> ContainerRecord:
+    async def before_spawn(self, name: str, jit_config: str) -> None:
         if name in self.gates:
             self.asked[name].set()
             await self.gates[name].wait()
-        return await super().spawn(
-            name=name,
-            owner_workflow_id=owner_workflow_id,
-            job_id=job_id,
-            jit_config=jit_config,
-            max_lifetime_s=max_lifetime_s,
-        )
 
 
 async def test_a_runner_whose_job_a_sibling_runner_took_is_kept_for_the_sibling_job(

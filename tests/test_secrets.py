@@ -22,7 +22,7 @@ from temporalio.client import Client
 
 from mayfly.app.embedded import EmbeddedStack
 from mayfly.app.wiring import sealer_for
-from mayfly.backends import BackendError, ContainerBackend, ContainerRecord
+from mayfly.backends import BackendError, ContainerBackend
 from mayfly.config import ConfigError, GitHubSettings, MayflySettings, PoolSettings
 from mayfly.github import JitConfig, Runner
 from mayfly.models import SealedSecret, job_workflow_id, semaphore_workflow_id
@@ -37,19 +37,10 @@ class LeakyBackend(DelegatingBackend):
         super().__init__(inner)
         self.seen: list[str] = []
 
-    async def spawn(
-        self, *, name: str, owner_workflow_id: str, job_id: int, jit_config: str, max_lifetime_s: float
-    ) -> ContainerRecord:
+    async def before_spawn(self, name: str, jit_config: str) -> None:
         self.seen.append(jit_config)
         if len(self.seen) == 1:
             raise BackendError(f"rejected env ACTIONS_RUNNER_INPUT_JITCONFIG={jit_config}")
-        return await super().spawn(
-            name=name,
-            owner_workflow_id=owner_workflow_id,
-            job_id=job_id,
-            jit_config=jit_config,
-            max_lifetime_s=max_lifetime_s,
-        )
 
 
 async def raw_history(client: Client, workflow_id: str) -> bytes:

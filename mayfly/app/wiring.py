@@ -48,6 +48,7 @@ from mayfly.models import (
     SemaphoreInput,
     SemaphoreTerms,
     host_task_queue,
+    semaphore_task_queue,
     semaphore_workflow_id,
     watch_task_queue,
 )
@@ -108,7 +109,7 @@ def build_workers(
     container_activities = ContainerActivities(
         backends, sealer, host_task_queue=host_queue, watch_task_queue=watch_queue
     )
-    slot_activities = SlotActivities(backends, semaphore_terms(settings))
+    slot_activities = SlotActivities(backends, semaphore_terms(settings), task_queue)
     sweep_activities = SweepActivities(github, backends, settings)
     host_sweep_activities = HostSweepActivities(backends)
     shutdown = timedelta(seconds=graceful_shutdown_s)
@@ -118,7 +119,6 @@ def build_workers(
         task_queue=task_queue,
         workflows=[
             RunnerJobWorkflow,
-            SlotSemaphoreWorkflow,
             SweeperWorkflow,
             HostSweeperWorkflow,
             WarmPoolWorkflow,
@@ -165,7 +165,19 @@ def build_workers(
         )
         for scope, scope_github in settings.github_scopes.items()
     ]
-    workers = [main, *github_workers]
+    # The semaphores on a queue of their own: under a backlog their tasks come first, not after
+    # thousands of job workflows' tasks (which are still their holders on the main queue).
+    semaphores = Worker(
+        client,
+        task_queue=semaphore_task_queue(task_queue),
+        workflows=[SlotSemaphoreWorkflow],
+        workflow_failure_exception_types=[NondeterminismError],
+        workflow_runner=WORKFLOW_RUNNER,
+        activities=[slot_activities.had_earlier_run, slot_activities.reclaim_dead_holders],
+        graceful_shutdown_timeout=shutdown,
+        interceptors=log_context,
+    )
+    workers = [main, semaphores, *github_workers]
     watchers = [container_activities.wait_exit, container_activities.terminate]
     # A watcher is a poll and a heartbeat per second, but holds its slot for the runner's life.
     if any(backend.host_bound for backend in backends.values()):
@@ -264,7 +276,7 @@ async def sync_capacities(client: Client, settings: MayflySettings) -> None:
             SlotSemaphoreWorkflow.run,
             SemaphoreInput(pool=pool.name, capacity=terms.capacity, reap_interval_s=terms.reap_interval_s),
             id=semaphore_workflow_id(pool.name),
-            task_queue=settings.temporal.task_queue,
+            task_queue=semaphore_task_queue(settings.temporal.task_queue),
             start_signal="set_capacity",
             start_signal_args=[pool.max_runners],
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
