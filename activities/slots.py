@@ -71,15 +71,17 @@ class SlotActivities:
         )
         self._client: Client | None = None
 
+    def for_leases(self) -> list[Callable[..., Awaitable[object]]]:
+        """The activities a worker running slot holders must register."""
+        return [self.request, self.release, self.recheck]
+
+    def for_semaphores(self) -> list[Callable[..., Awaitable[object]]]:
+        """The activities a worker running semaphores must register."""
+        return [self.had_earlier_run, self.reclaim_dead_holders]
+
     def all(self) -> list[Callable[..., Awaitable[object]]]:
-        """Every activity a worker running semaphores and leases must register."""
-        return [
-            self.request,
-            self.release,
-            self.recheck,
-            self.had_earlier_run,
-            self.reclaim_dead_holders,
-        ]
+        """Both, for a worker that runs semaphores on its holders' queue."""
+        return [*self.for_leases(), *self.for_semaphores()]
 
     @activity.defn(name="slots.request")
     async def request(self, request: SlotRequest) -> SemaphoreTerms:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import os
 import sys
 import time
@@ -25,16 +24,13 @@ import uuid
 from pathlib import Path
 
 from temporalio.client import Client
-from temporalio.worker import Worker
 
-from activities.slots import SlotActivities
 from bench.cpu import dev_server_cpu_s, own_cpu_s
 from bench.semaphore_history import BENIGN_TASK_FAILURES, read_semaphore_history
 from bench.slot_holder import HolderInput, Ledger, LightSlotHolderWorkflow
+from bench.slot_workers import slot_workers
 from mayfly.devserver import local_environment
-from mayfly.models import SemaphoreTerms, semaphore_task_queue, waiter_recheck_s
-from mayfly.temporal import WORKFLOW_RUNNER
-from workflows.slot_semaphore import SlotSemaphoreWorkflow
+from mayfly.models import SemaphoreTerms, waiter_recheck_s
 
 RSS_TARGET_MB = 512
 
@@ -105,32 +101,14 @@ async def main() -> None:
     sampler = asyncio.create_task(sample_rss(peak_rss, stop_sampling))
     cpu0, server_cpu0 = own_cpu_s(), dev_server_cpu_s()
     terms = {pool: SemaphoreTerms(capacity=args.cap, reap_interval_s=args.reap_interval_s)}
-    # As the product worker runs them (see mayfly.app.wiring), unless told to share the queue.
-    semaphore_queue = None if args.shared_queue else semaphore_task_queue(task_queue)
-    slots = SlotActivities({}, terms, None if args.shared_queue else task_queue)
-    workers = [
-        Worker(
-            client,
-            task_queue=task_queue,
-            workflows=[LightSlotHolderWorkflow, *([] if semaphore_queue else [SlotSemaphoreWorkflow])],
-            activities=[*slots.all(), ledger.enter, ledger.exit],
-            # The product worker's sandbox settings (see mayfly.temporal), so the figures are its own.
-            workflow_runner=WORKFLOW_RUNNER,
-        )
-    ]
-    if semaphore_queue:
-        workers.append(
-            Worker(
-                client,
-                task_queue=semaphore_queue,
-                workflows=[SlotSemaphoreWorkflow],
-                activities=slots.all(),
-                workflow_runner=WORKFLOW_RUNNER,
-            )
-        )
-    async with contextlib.AsyncExitStack() as running:
-        for worker in workers:
-            await running.enter_async_context(worker)
+    async with slot_workers(
+        client,
+        task_queue,
+        terms,
+        [LightSlotHolderWorkflow],
+        [ledger.enter, ledger.exit],
+        shared_queue=args.shared_queue,
+    ):
         t0 = time.monotonic()
         enqueue_task = asyncio.create_task(enqueue(client, task_queue, pool, args))
         await ledger.until(lambda: ledger.entries >= 1, within_s=120)

@@ -19,15 +19,13 @@ import time
 import uuid
 
 from temporalio.client import Client
-from temporalio.worker import Worker
 
-from activities.slots import SlotActivities
 from bench.cpu import dev_server_cpu_s
 from bench.slot_holder import BenchHolderWorkflow, CycleTimes, HolderInput
+from bench.slot_workers import slot_workers
 from mayfly.devserver import local_environment
 from mayfly.models import SemaphoreTerms, semaphore_workflow_id
 from mayfly.process import exit_now
-from mayfly.temporal import WORKFLOW_RUNNER
 from workflows.slot_semaphore import SlotSemaphoreWorkflow
 
 
@@ -76,15 +74,7 @@ async def main() -> None:
     task_queue = f"bench-{uuid.uuid4().hex[:6]}"
     # The worker's configuration, as it would be for these pools.
     terms: dict[str, SemaphoreTerms] = {}
-    slots = SlotActivities({}, terms)
-    async with Worker(
-        env.client,
-        task_queue=task_queue,
-        workflows=[SlotSemaphoreWorkflow, BenchHolderWorkflow],
-        activities=slots.all(),
-        # The product worker's sandbox settings (see mayfly.temporal), so the figures are its own.
-        workflow_runner=WORKFLOW_RUNNER,
-    ):
+    async with slot_workers(env.client, task_queue, terms, [BenchHolderWorkflow]):
         # 1. Idle grant latency: one acquirer at a time, free slots; client start -> granted.
         pool = f"idle{uuid.uuid4().hex[:6]}"
         terms[pool] = SemaphoreTerms(capacity=args.cap, reap_interval_s=30)

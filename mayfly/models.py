@@ -249,7 +249,8 @@ class SemaphoreTerms(BaseModel):
 
 class SlotRequest(BaseModel):
     pool: str
-    # Where the semaphore runs if this request brings it to life.
+    # The holder's task queue. A semaphore this request brings to life runs on it, or on its
+    # slots queue when the worker names its main queue (see `SlotActivities`).
     task_queue: str
     acquire: AcquireRequest
 

@@ -135,7 +135,7 @@ def build_workers(
             container_activities.spawn,
             container_activities.wait_exit,
             container_activities.terminate,
-            *slot_activities.all(),
+            *slot_activities.for_leases(),
             sweep_activities.containers,
             WarmPoolActivities().closed_runners,
             # Waits ten seconds before its first call and is usually cancelled by then; on the
@@ -173,7 +173,7 @@ def build_workers(
         workflows=[SlotSemaphoreWorkflow],
         workflow_failure_exception_types=[NondeterminismError],
         workflow_runner=WORKFLOW_RUNNER,
-        activities=[slot_activities.had_earlier_run, slot_activities.reclaim_dead_holders],
+        activities=slot_activities.for_semaphores(),
         graceful_shutdown_timeout=shutdown,
         interceptors=log_context,
     )
