@@ -28,7 +28,7 @@ from temporalio.client import Client
 from bench.cpu import dev_server_cpu_s, own_cpu_s
 from bench.semaphore_history import BENIGN_TASK_FAILURES, read_semaphore_history
 from bench.slot_holder import HolderInput, Ledger, LightSlotHolderWorkflow
-from bench.slot_workers import slot_workers
+from bench.slot_workers import Layout, SemaphoreProcess, slot_workers
 from mayfly.devserver import local_environment
 from mayfly.models import SemaphoreTerms, waiter_recheck_s
 
@@ -42,9 +42,11 @@ def rss_mb() -> float:
     return 0.0
 
 
-async def sample_rss(peak: list[float], stop: asyncio.Event) -> None:
+async def sample_rss(peak: list[float], child: SemaphoreProcess | None, stop: asyncio.Event) -> None:
+    """Peaks of this process (holders, client) and of the semaphores' own process, if any."""
     while not stop.is_set():
         peak[0] = max(peak[0], rss_mb())
+        peak[1] = max(peak[1], child.rss_mb() if child else 0.0)
         try:
             await asyncio.wait_for(stop.wait(), timeout=0.5)
         except TimeoutError:
@@ -84,7 +86,11 @@ async def main() -> None:
     parser.add_argument("--enqueue-s", type=float, default=100.0, help="start all acquirers within this")
     parser.add_argument("--hold-s", type=float, default=0.0)
     parser.add_argument(
-        "--shared-queue", action="store_true", help="run the semaphore on the holders' task queue"
+        "--layout",
+        choices=[layout.value for layout in Layout],
+        default=Layout.PROCESS.value,
+        help="where the semaphore runs: its own process (mayfly worker --role semaphores, the default "
+        "at this scale), the holders' process (--role all), or the holders' task queue",
     )
     # The product's default: waiters recheck every 30 reap intervals (10 minutes).
     parser.add_argument("--reap-interval-s", type=float, default=20.0)
@@ -96,9 +102,8 @@ async def main() -> None:
     task_queue = f"backlog-{uuid.uuid4().hex[:6]}"
     pool = f"backlog{uuid.uuid4().hex[:6]}"
     ledger = Ledger()
-    peak_rss = [rss_mb()]
+    peak_rss = [rss_mb(), 0.0]
     stop_sampling = asyncio.Event()
-    sampler = asyncio.create_task(sample_rss(peak_rss, stop_sampling))
     cpu0, server_cpu0 = own_cpu_s(), dev_server_cpu_s()
     terms = {pool: SemaphoreTerms(capacity=args.cap, reap_interval_s=args.reap_interval_s)}
     async with slot_workers(
@@ -107,8 +112,9 @@ async def main() -> None:
         terms,
         [LightSlotHolderWorkflow],
         [ledger.enter, ledger.exit],
-        shared_queue=args.shared_queue,
-    ):
+        layout=Layout(args.layout),
+    ) as semaphores:
+        sampler = asyncio.create_task(sample_rss(peak_rss, semaphores, stop_sampling))
         t0 = time.monotonic()
         enqueue_task = asyncio.create_task(enqueue(client, task_queue, pool, args))
         await ledger.until(lambda: ledger.entries >= 1, within_s=120)
@@ -128,9 +134,11 @@ async def main() -> None:
                 print(f"  served {len(ledger.exited)}/{args.acquirers}, rss {rss_mb():.0f} MB", flush=True)
         drained_at = time.monotonic()
         history = await read_semaphore_history(client, pool)
-    stop_sampling.set()
-    await sampler
+        semaphore_cpu = semaphores.cpu_s() if semaphores else 0.0
+        stop_sampling.set()
+        await sampler
     worker_cpu, server_cpu = own_cpu_s() - cpu0, dev_server_cpu_s() - server_cpu0
+    rss_total = sum(peak_rss)
     await env.shutdown()
 
     makespan = drained_at - t0
@@ -148,10 +156,13 @@ async def main() -> None:
         and len(history.acquired) == args.acquirers,
         "cap never exceeded (ledger)": ledger.max_seen <= args.cap,
         "no harmful workflow task failure": not harmful,
-        f"worker RSS <= {RSS_TARGET_MB} MB": peak_rss[0] <= RSS_TARGET_MB,
+        f"worker RSS <= {RSS_TARGET_MB} MB": rss_total <= RSS_TARGET_MB,
     }
 
-    print(f"\n{args.acquirers} acquirers, cap {args.cap}, hold {args.hold_s}s, enqueued in {enqueue_s:.1f}s")
+    print(
+        f"\n{args.acquirers} acquirers, cap {args.cap}, hold {args.hold_s}s, enqueued in {enqueue_s:.1f}s; "
+        f"semaphores laid out: {args.layout}"
+    )
     print(f"time to first grant: {first_grant_s * 1000:.0f} ms")
     print(
         f"drain: {args.acquirers} served in {makespan:.1f}s overall ({args.acquirers / makespan:.1f}/s); "
@@ -184,11 +195,13 @@ async def main() -> None:
         f"enters repeated by a retried activity {ledger.repeated_enters}"
     )
     print(
-        f"worker+client RSS peak {peak_rss[0]:.0f} MB (target <= {RSS_TARGET_MB}; "
-        f"measured/target {peak_rss[0] / RSS_TARGET_MB:.2f})"
+        f"RSS peak: holders' worker+client {peak_rss[0]:.0f} MB, semaphores' process {peak_rss[1]:.0f} MB, "
+        f"together {rss_total:.0f} MB (target <= {RSS_TARGET_MB}; measured/target "
+        f"{rss_total / RSS_TARGET_MB:.2f})"
     )
     print(
-        f"CPU: worker+client {worker_cpu:.0f}s, dev server {server_cpu:.0f}s "
+        f"CPU: worker+client {worker_cpu:.0f}s, semaphores' process {semaphore_cpu:.0f}s, "
+        f"dev server {server_cpu:.0f}s "
         f"over {makespan:.0f}s on 2 cores; "
         f"waiters recheck every {waiter_recheck_s(args.reap_interval_s):.0f}s"
     )

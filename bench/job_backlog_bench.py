@@ -52,9 +52,9 @@ async def run(args: argparse.Namespace) -> bool:
             semaphore_reap_interval_s=20.0,
         )
         await stack.start()
-        peak_rss = [0.0]
+        peak_rss = [0.0, 0.0]
         stop_sampling = asyncio.Event()
-        sampler = asyncio.create_task(sample_rss(peak_rss, stop_sampling))
+        sampler = asyncio.create_task(sample_rss(peak_rss, None, stop_sampling))
         try:
             started = time.monotonic()
             job_ids = stack.queue_jobs(args.jobs, duration_s=args.job_seconds)

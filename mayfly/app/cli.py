@@ -20,6 +20,7 @@ from temporalio.client import Client, RPCTimeoutOrCancelledError, WorkflowQueryR
 from temporalio.common import QueryRejectCondition
 from temporalio.service import RPCError, RPCStatusCode
 
+from mayfly.app.roles import add_role_argument
 from mayfly.config import ConfigError, MayflySettings, load_settings_or_report
 from mayfly.logs import configure_logging
 from mayfly.models import SemaphoreStatus, semaphore_workflow_id
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     usage.add_argument("--by", choices=["pool", "repository", "scope"], default="pool")
     for name in ("worker", "starter", "status", "setup"):
         sub.add_parser(name)
+    add_role_argument(sub.choices["worker"])
     for command in sub.choices.values():
         if command.prog.split()[-1] != "dev":
             command.add_argument("--config", type=Path, help="TOML config file (or set MAYFLY_CONFIG)")
@@ -264,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         from mayfly.app import wiring
 
-        exit_now(wiring.main(["--config", str(args.config)] if args.config else []))
+        config = ["--config", str(args.config)] if args.config else []
+        exit_now(wiring.main([*config, "--role", args.role]))
     settings = load_settings_or_report(args.config)
     if settings is None:
         return 2

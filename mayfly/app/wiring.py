@@ -28,6 +28,7 @@ from activities.slots import SlotActivities
 from activities.sweep import SweepActivities
 from activities.warm import WarmPoolActivities
 from mayfly import search_attributes
+from mayfly.app.roles import WorkerRole, add_role_argument
 from mayfly.backends import ContainerBackend
 from mayfly.backends.factory import build_backends
 from mayfly.config import (
@@ -55,7 +56,7 @@ from mayfly.models import (
 from mayfly.process import stop_on_signals
 from mayfly.sealing import Sealer
 from mayfly.serving import serve
-from mayfly.temporal import WORKFLOW_RUNNER, connect
+from mayfly.temporal import SEMAPHORE_WORKFLOW_RUNNER, WORKFLOW_RUNNER, connect
 from mayfly.warm import CONFIGURE_SIGNAL as WARM_CONFIGURE_SIGNAL
 from mayfly.warm import WarmPoolConfig, WarmPoolInput, warm_pool_workflow_id
 from workflows.host_sweeper import HostSweeperInput, HostSweeperWorkflow
@@ -98,10 +99,11 @@ def build_workers(
     sealer: Sealer,
     registration_poll_interval_s: float = 10.0,
     graceful_shutdown_s: float = 30.0,
+    role: WorkerRole = WorkerRole.ALL,
 ) -> list[Worker]:
-    """The main worker (workflows, spawns, slots), one rate-limited GitHub worker per scope, and
-    the container watchers: this host's queue for local processes, the shared watch queue for the
-    rest. `github` holds each scope's client."""
+    """The main worker (workflows, spawns, slots), one rate-limited GitHub worker per scope, the
+    container watchers (this host's queue for local processes, the shared watch queue for the
+    rest) and, unless `role` is `jobs`, the semaphores' worker. `github` holds each scope's client."""
     github_activities = GitHubActivities(github, sealer, poll_interval_s=registration_poll_interval_s)
     task_queue = settings.temporal.task_queue
     host_queue = host_task_queue(task_queue, settings.host_id)
@@ -165,19 +167,9 @@ def build_workers(
         )
         for scope, scope_github in settings.github_scopes.items()
     ]
-    # The semaphores on a queue of their own: under a backlog their tasks come first, not after
-    # thousands of job workflows' tasks (which are still their holders on the main queue).
-    semaphores = Worker(
-        client,
-        task_queue=semaphore_task_queue(task_queue),
-        workflows=[SlotSemaphoreWorkflow],
-        workflow_failure_exception_types=[NondeterminismError],
-        workflow_runner=WORKFLOW_RUNNER,
-        activities=slot_activities.for_semaphores(),
-        graceful_shutdown_timeout=shutdown,
-        interceptors=log_context,
-    )
-    workers = [main, semaphores, *github_workers]
+    workers = [main, *github_workers]
+    if role is WorkerRole.ALL:
+        workers.append(semaphore_worker(client, slot_activities, task_queue, graceful_shutdown_s))
     watchers = [container_activities.wait_exit, container_activities.terminate]
     # A watcher is a poll and a heartbeat per second, but holds its slot for the runner's life.
     if any(backend.host_bound for backend in backends.values()):
@@ -203,6 +195,23 @@ def build_workers(
             )
         )
     return workers
+
+
+def semaphore_worker(
+    client: Client, slot_activities: SlotActivities, task_queue: str, graceful_shutdown_s: float = 30.0
+) -> Worker:
+    """The pools' semaphores, on a queue of their own: under a backlog their tasks come first,
+    not after thousands of job workflows' tasks (their holders, on the main queue `task_queue`)."""
+    return Worker(
+        client,
+        task_queue=semaphore_task_queue(task_queue),
+        workflows=[SlotSemaphoreWorkflow],
+        workflow_failure_exception_types=[NondeterminismError],
+        workflow_runner=SEMAPHORE_WORKFLOW_RUNNER,
+        activities=slot_activities.for_semaphores(),
+        graceful_shutdown_timeout=timedelta(seconds=graceful_shutdown_s),
+        interceptors=[RunnerLogContext()],
+    )
 
 
 async def start_sweeper(client: Client, settings: MayflySettings) -> None:
@@ -314,8 +323,11 @@ async def sync_warm_pools(client: Client, settings: MayflySettings) -> None:
                 raise
 
 
-async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
-    sealer = sealer_for(settings)
+async def run_worker(
+    settings: MayflySettings, stop: asyncio.Event, role: WorkerRole = WorkerRole.ALL
+) -> None:
+    # A semaphores-only process never opens a JIT config, so it needs no key.
+    sealer = sealer_for(settings) if role is not WorkerRole.SEMAPHORES else None
     runtime = prometheus_runtime(settings.metrics_bind_address) if settings.metrics_bind_address else None
     client = await connect(settings.temporal, runtime)
     absent = await search_attributes.missing(client, settings.temporal.namespace)
@@ -325,34 +337,43 @@ async def run_worker(settings: MayflySettings, stop: asyncio.Event) -> None:
             f"namespace {settings.temporal.namespace!r} lacks search attributes {', '.join(absent)}; "
             "run `mayfly setup` once"
         )
-    async with scope_clients(settings) as github:
-        workers = build_workers(
-            client,
-            settings,
-            github=github,
-            backends=build_backends(settings),
-            sealer=sealer,
-            graceful_shutdown_s=settings.worker_graceful_shutdown_s,
-        )
-        # Before this host takes any spawn: slot reclaim must already know the host exists.
-        await start_sweeper(client, settings)
-        async with contextlib.AsyncExitStack() as running:
-            for worker in workers:
-                await running.enter_async_context(worker)
-            await sync_capacities(client, settings)
+    async with scope_clients(settings) as github, contextlib.AsyncExitStack() as running:
+        backends = build_backends(settings)
+        task_queue = settings.temporal.task_queue
+        if sealer is None:
+            slot_activities = SlotActivities(backends, semaphore_terms(settings), task_queue)
+            shutdown_s = settings.worker_graceful_shutdown_s
+            workers = [semaphore_worker(client, slot_activities, task_queue, shutdown_s)]
+        else:
+            workers = build_workers(
+                client,
+                settings,
+                github=github,
+                backends=backends,
+                sealer=sealer,
+                graceful_shutdown_s=settings.worker_graceful_shutdown_s,
+                role=role,
+            )
+            # Before this host takes any spawn: slot reclaim must already know the host exists.
+            await start_sweeper(client, settings)
+        for worker in workers:
+            await running.enter_async_context(worker)
+        await sync_capacities(client, settings)
+        if sealer is not None:
             await sync_warm_pools(client, settings)
-            if settings.health_bind_address:
-                host, port = settings.health_bind_address.rsplit(":", 1)
-                health = await serve(health_app(client), host=host, port=int(port))
-                running.push_async_callback(health.stop)
-            log.info("worker polling task queue %s", settings.temporal.task_queue)
-            await stop.wait()
-            log.info("shutting down: finishing activities in flight")
+        if settings.health_bind_address:
+            host, port = settings.health_bind_address.rsplit(":", 1)
+            health = await serve(health_app(client), host=host, port=int(port))
+            running.push_async_callback(health.stop)
+        log.info("%s worker polling task queue %s", role, ", ".join(w.task_queue for w in workers))
+        await stop.wait()
+        log.info("shutting down: finishing activities in flight")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mayfly worker", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML config file (or set MAYFLY_CONFIG)")
+    add_role_argument(parser)
     args = parser.parse_args(argv)
     configure_logging()
     settings = load_settings_or_report(args.config)
@@ -365,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("could not mark the worker non-dumpable; set run_as_user and keep runners off this uid")
 
     async def _main() -> None:
-        await run_worker(settings, stop_on_signals())
+        await run_worker(settings, stop_on_signals(), WorkerRole(args.role))
 
     try:
         asyncio.run(_main())
