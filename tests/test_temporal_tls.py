@@ -9,16 +9,10 @@ they refuse to start, saying why.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import os
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 from temporalio.client import Client
 
@@ -26,13 +20,11 @@ from mayfly.config import ConfigError, TemporalSettings
 from mayfly.models import job_workflow_id
 from mayfly.temporal import connect
 from simulator import GitHubSimulator
+from tests.mayfly_processes import LABELS, SECRET, config_text, spawn, stop, until_ok
 from tests.test_metrics import free_port
 from tests.tls_proxy import Pki, TlsTerminatingProxy, make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
-MAYFLY = str(Path(sys.executable).parent / "mayfly")
-SECRET = "s" * 40
-LABELS = ["self-hosted", "linux", "tls"]
 
 
 @pytest.fixture
@@ -44,81 +36,6 @@ async def mtls_temporal(client: Client, tmp_path: Path) -> AsyncIterator[tuple[T
         yield proxy, pki
     finally:
         await proxy.stop()
-
-
-def config_text(
-    *,
-    address: str,
-    task_queue: str,
-    pool: str,
-    simulator: GitHubSimulator,
-    state_dir: Path,
-    tls: dict[str, Path | str],
-    health_port: int,
-    starter_port: int,
-) -> str:
-    tls_lines = "\n".join(f'{key} = "{value}"' for key, value in tls.items())
-    runner = json.dumps([sys.executable, "-m", "simulator.runner"])
-    return f"""
-secret_key = "{SECRET}"
-health_bind_address = "127.0.0.1:{health_port}"
-
-[github]
-api_url = "{simulator.url}"
-repository = "{simulator.owner}/{simulator.repo}"
-token = "{simulator.token}"
-webhook_secret = "{SECRET}"
-
-[temporal]
-address = "{address}"
-task_queue = "{task_queue}"
-{tls_lines}
-
-[starter]
-port = {starter_port}
-
-[[pools]]
-name = "{pool}"
-labels = {json.dumps(LABELS)}
-max_runners = 2
-[pools.backend]
-kind = "local"
-command = {runner}
-state_dir = "{state_dir}"
-"""
-
-
-async def spawn(*args: str, log: Path) -> asyncio.subprocess.Process:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MAYFLY_")}
-    with log.open("wb") as out:
-        return await asyncio.create_subprocess_exec(
-            MAYFLY, *args, cwd=log.parent, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT
-        )
-
-
-async def until_ok(url: str, process: asyncio.subprocess.Process, log: Path, within_s: float = 60) -> None:
-    deadline = time.monotonic() + within_s
-    async with httpx.AsyncClient() as http:
-        while time.monotonic() < deadline:
-            assert process.returncode is None, log.read_text()[-3000:]
-            with contextlib.suppress(httpx.TransportError):
-                if (await http.get(url, timeout=2)).status_code == 200:
-                    return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), 0.3)
-    raise AssertionError(f"{url} not ready within {within_s}s:\n{log.read_text()[-3000:]}")
-
-
-async def stop(process: asyncio.subprocess.Process) -> int:
-    if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), 30)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode
 
 
 async def test_worker_and_starter_run_a_job_over_mutual_tls(
