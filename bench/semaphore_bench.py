@@ -22,7 +22,7 @@ from temporalio.client import Client
 
 from bench.cpu import dev_server_cpu_s
 from bench.slot_holder import BenchHolderWorkflow, CycleTimes, HolderInput
-from bench.slot_workers import slot_workers
+from bench.slot_workers import Layout, slot_workers
 from mayfly.devserver import local_environment
 from mayfly.models import SemaphoreTerms, semaphore_workflow_id
 from mayfly.process import exit_now
@@ -68,13 +68,21 @@ async def main() -> None:
     parser.add_argument("--pairs", type=int, default=400)
     parser.add_argument("--cap", type=int, default=10)
     parser.add_argument("--idle-samples", type=int, default=30)
+    parser.add_argument(
+        "--layout",
+        choices=[layout.value for layout in Layout],
+        default=Layout.WORKER.value,
+        help="where the semaphore runs: the holders' process (mayfly worker, the default), a process "
+        "of its own (--role semaphores), or the holders' task queue",
+    )
     args = parser.parse_args()
 
     env = await local_environment()
     task_queue = f"bench-{uuid.uuid4().hex[:6]}"
     # The worker's configuration, as it would be for these pools.
     terms: dict[str, SemaphoreTerms] = {}
-    async with slot_workers(env.client, task_queue, terms, [BenchHolderWorkflow]):
+    layout = Layout(args.layout)
+    async with slot_workers(env.client, task_queue, terms, [BenchHolderWorkflow], layout=layout) as child:
         # 1. Idle grant latency: one acquirer at a time, free slots; client start -> granted.
         pool = f"idle{uuid.uuid4().hex[:6]}"
         terms[pool] = SemaphoreTerms(capacity=args.cap, reap_interval_s=30)
@@ -95,6 +103,7 @@ async def main() -> None:
         )
         makespan = time.monotonic() - t0
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        semaphore_cpu = child.cpu_s() if child else 0.0
         worker_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
         server_cpu = dev_server_cpu_s() - server_cpu0
         grants = sorted(t.timestamp() for _, times in results for t in times.granted)
@@ -111,6 +120,7 @@ async def main() -> None:
     pairs = len(grants)
     rate = pairs / makespan
     handoff_p99 = pct(handoffs, 0.99)
+    print(f"semaphores laid out: {layout}")
     print(
         f"idle grant latency (client start -> granted), n={len(idle)}: "
         f"p50 {statistics.median(idle) * 1000:.0f} ms, p99 {pct(idle, 0.99) * 1000:.0f} ms"
@@ -125,7 +135,8 @@ async def main() -> None:
         f"(target >= 50; measured/target {rate / 50:.2f})"
     )
     print(
-        f"CPU during the backlog run: worker+client {worker_cpu:.1f}s, dev server {server_cpu:.1f}s "
+        f"CPU during the backlog run: worker+client {worker_cpu:.1f}s, semaphores' process (all of its "
+        f"life) {semaphore_cpu:.1f}s, dev server {server_cpu:.1f}s "
         f"of {makespan * 2:.1f}s available on 2 cores"
     )
     print(f"semaphore history: {events} events over {runs} run(s), {per_grant:.1f} events per grant")
