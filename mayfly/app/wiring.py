@@ -326,8 +326,9 @@ async def sync_warm_pools(client: Client, settings: MayflySettings) -> None:
 async def run_worker(
     settings: MayflySettings, stop: asyncio.Event, role: WorkerRole = WorkerRole.ALL
 ) -> None:
-    # A semaphores-only process never opens a JIT config, so it needs no key.
-    sealer = sealer_for(settings) if role is not WorkerRole.SEMAPHORES else None
+    # A semaphores-only process never opens a JIT config, so it needs no key; any other checks
+    # its key before it connects.
+    sealer = None if role is WorkerRole.SEMAPHORES else sealer_for(settings)
     runtime = prometheus_runtime(settings.metrics_bind_address) if settings.metrics_bind_address else None
     client = await connect(settings.temporal, runtime)
     absent = await search_attributes.missing(client, settings.temporal.namespace)
@@ -337,10 +338,10 @@ async def run_worker(
             f"namespace {settings.temporal.namespace!r} lacks search attributes {', '.join(absent)}; "
             "run `mayfly setup` once"
         )
-    async with scope_clients(settings) as github, contextlib.AsyncExitStack() as running:
+    async with contextlib.AsyncExitStack() as running:
         backends = build_backends(settings)
         task_queue = settings.temporal.task_queue
-        if sealer is None:
+        if sealer is None:  # semaphores only
             slot_activities = SlotActivities(backends, semaphore_terms(settings), task_queue)
             shutdown_s = settings.worker_graceful_shutdown_s
             workers = [semaphore_worker(client, slot_activities, task_queue, shutdown_s)]
@@ -348,7 +349,7 @@ async def run_worker(
             workers = build_workers(
                 client,
                 settings,
-                github=github,
+                github=await running.enter_async_context(scope_clients(settings)),
                 backends=backends,
                 sealer=sealer,
                 graceful_shutdown_s=settings.worker_graceful_shutdown_s,
