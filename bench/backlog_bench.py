@@ -28,7 +28,7 @@ from temporalio.client import Client
 from bench.cpu import dev_server_cpu_s, own_cpu_s
 from bench.semaphore_history import BENIGN_TASK_FAILURES, read_semaphore_history
 from bench.slot_holder import HolderInput, Ledger, LightSlotHolderWorkflow
-from bench.slot_workers import Layout, SemaphoreProcess, slot_workers
+from bench.slot_workers import Layout, SemaphoreProcess, add_layout_argument, slot_workers
 from mayfly.devserver import local_environment
 from mayfly.models import SemaphoreTerms, waiter_recheck_s
 
@@ -85,13 +85,7 @@ async def main() -> None:
     parser.add_argument("--cap", type=int, default=20)
     parser.add_argument("--enqueue-s", type=float, default=100.0, help="start all acquirers within this")
     parser.add_argument("--hold-s", type=float, default=0.0)
-    parser.add_argument(
-        "--layout",
-        choices=[layout.value for layout in Layout],
-        default=Layout.PROCESS.value,
-        help="where the semaphore runs: its own process (mayfly worker --role semaphores, the default "
-        "at this scale), the holders' process (--role all), or the holders' task queue",
-    )
+    add_layout_argument(parser, Layout.PROCESS)
     # The product's default: waiters recheck every 30 reap intervals (10 minutes).
     parser.add_argument("--reap-interval-s", type=float, default=20.0)
     parser.add_argument("--drain-timeout-s", type=float, default=1800.0)

@@ -22,7 +22,7 @@ from temporalio.client import Client
 
 from bench.cpu import dev_server_cpu_s
 from bench.slot_holder import BenchHolderWorkflow, CycleTimes, HolderInput
-from bench.slot_workers import Layout, slot_workers
+from bench.slot_workers import Layout, add_layout_argument, slot_workers
 from mayfly.devserver import local_environment
 from mayfly.models import SemaphoreTerms, semaphore_workflow_id
 from mayfly.process import exit_now
@@ -68,13 +68,7 @@ async def main() -> None:
     parser.add_argument("--pairs", type=int, default=400)
     parser.add_argument("--cap", type=int, default=10)
     parser.add_argument("--idle-samples", type=int, default=30)
-    parser.add_argument(
-        "--layout",
-        choices=[layout.value for layout in Layout],
-        default=Layout.WORKER.value,
-        help="where the semaphore runs: the holders' process (mayfly worker, the default), a process "
-        "of its own (--role semaphores), or the holders' task queue",
-    )
+    add_layout_argument(parser, Layout.WORKER)
     args = parser.parse_args()
 
     env = await local_environment()

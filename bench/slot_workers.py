@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -27,8 +28,18 @@ class Layout(StrEnum):
     PROCESS = "process"
     # `mayfly worker` (role all): the semaphores' worker in the holders' process.
     WORKER = "worker"
-    # The semaphores on the holders' own task queue (before they had one of their own).
+    # The semaphores on the holders' own task queue, in the sandbox (as before they had their own).
     SHARED_QUEUE = "shared-queue"
+
+
+def add_layout_argument(parser: argparse.ArgumentParser, default: Layout) -> None:
+    parser.add_argument(
+        "--layout",
+        choices=[layout.value for layout in Layout],
+        default=default.value,
+        help="where the semaphores run: a process of their own (mayfly worker --role semaphores), "
+        "the holders' process (mayfly worker), or the holders' task queue",
+    )
 
 
 class SemaphoreProcess:

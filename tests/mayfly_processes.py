@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import httpx
+from temporalio.client import Client
 
+from mayfly.models import job_workflow_id
 from simulator import GitHubSimulator
 
 MAYFLY = str(Path(sys.executable).parent / "mayfly")
@@ -95,3 +97,23 @@ async def stop(process: asyncio.subprocess.Process) -> int:
             await process.wait()
     assert process.returncode is not None
     return process.returncode
+
+
+async def start_starter(
+    config: Path, port: int, simulator: GitHubSimulator, log: Path
+) -> asyncio.subprocess.Process:
+    """`mayfly starter`, ready, with the simulator's webhooks pointed at it."""
+    starter = await spawn("starter", "--config", str(config), log=log)
+    await until_ok(f"http://127.0.0.1:{port}/readyz", starter, log)
+    simulator.webhook_url = f"http://127.0.0.1:{port}/webhook"
+    return starter
+
+
+async def run_one_job(client: Client, simulator: GitHubSimulator) -> int:
+    """Queue a short job and wait until GitHub and its workflow both say it succeeded."""
+    job_id = simulator.queue_job(LABELS, duration_s=0.5)
+    await simulator.wait_for(lambda: simulator.job(job_id).status == "completed", 120)
+    async with asyncio.timeout(60):
+        await client.get_workflow_handle(job_workflow_id(job_id)).result()
+    assert simulator.job(job_id).conclusion == "success"
+    return job_id

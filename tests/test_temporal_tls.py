@@ -17,10 +17,17 @@ import pytest
 from temporalio.client import Client
 
 from mayfly.config import ConfigError, TemporalSettings
-from mayfly.models import job_workflow_id
 from mayfly.temporal import connect
 from simulator import GitHubSimulator
-from tests.mayfly_processes import LABELS, SECRET, config_text, spawn, stop, until_ok
+from tests.mayfly_processes import (
+    SECRET,
+    config_text,
+    run_one_job,
+    spawn,
+    start_starter,
+    stop,
+    until_ok,
+)
 from tests.test_metrics import free_port
 from tests.tls_proxy import Pki, TlsTerminatingProxy, make_pki
 
@@ -71,15 +78,8 @@ async def test_worker_and_starter_run_a_job_over_mutual_tls(
     starter: asyncio.subprocess.Process | None = None
     try:
         await until_ok(f"http://127.0.0.1:{health_port}/readyz", worker, worker_log)
-        starter = await spawn("starter", "--config", str(config), log=starter_log)
-        await until_ok(f"http://127.0.0.1:{starter_port}/readyz", starter, starter_log)
-        simulator.webhook_url = f"http://127.0.0.1:{starter_port}/webhook"
-
-        job_id = simulator.queue_job(LABELS, duration_s=0.5)
-        await simulator.wait_for(lambda: simulator.job(job_id).status == "completed", 120)
-        async with asyncio.timeout(60):
-            await client.get_workflow_handle(job_workflow_id(job_id)).result()
-        assert simulator.job(job_id).conclusion == "success"
+        starter = await start_starter(config, starter_port, simulator, starter_log)
+        job_id = await run_one_job(client, simulator)
         assert [d.status_code for d in simulator.deliveries() if d.job_id == job_id] == [200, 200, 200]
     finally:
         codes = [await stop(process) for process in (starter, worker) if process is not None]

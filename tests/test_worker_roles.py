@@ -13,9 +13,9 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
-from mayfly.models import job_workflow_id, semaphore_task_queue
+from mayfly.models import semaphore_task_queue
 from simulator import GitHubSimulator
-from tests.mayfly_processes import LABELS, SECRET, config_text, spawn, stop, until_ok
+from tests.mayfly_processes import SECRET, config_text, run_one_job, spawn, start_starter, stop, until_ok
 from tests.test_metrics import free_port
 
 
@@ -65,15 +65,8 @@ async def test_a_jobs_worker_and_a_semaphores_worker_run_a_job_between_them(
         processes["jobs"] = await spawn("worker", "--config", str(config), "--role", "jobs", log=logs["jobs"])
         for name, port in (("semaphores", semaphores_health), ("jobs", jobs_health)):
             await until_ok(f"http://127.0.0.1:{port}/readyz", processes[name], logs[name])
-        processes["starter"] = await spawn("starter", "--config", str(config), log=logs["starter"])
-        await until_ok(f"http://127.0.0.1:{starter_port}/readyz", processes["starter"], logs["starter"])
-        simulator.webhook_url = f"http://127.0.0.1:{starter_port}/webhook"
-
-        job_id = simulator.queue_job(LABELS, duration_s=0.5)
-        await simulator.wait_for(lambda: simulator.job(job_id).status == "completed", 120)
-        async with asyncio.timeout(60):
-            await client.get_workflow_handle(job_workflow_id(job_id)).result()
-        assert simulator.job(job_id).conclusion == "success"
+        processes["starter"] = await start_starter(config, starter_port, simulator, logs["starter"])
+        await run_one_job(client, simulator)
 
         semaphores_pid = f"{processes['semaphores'].pid}@"
         jobs_pid = f"{processes['jobs'].pid}@"
