@@ -373,6 +373,11 @@ class MayflySettings(BaseSettings):
     # Container-watching activities (one per live runner, a poll and a heartbeat each) run on
     # their own workers with this many slots, so live runners are not capped by activity slots.
     max_watched_containers: int = Field(default=5000, ge=1, le=100_000)
+    # Workflow tasks the main worker takes at once (the SDK's default). Activations run one at a
+    # time in the interpreter, so on a small, saturated worker a burst of thousands of jobs
+    # queues tasks inside the worker, where their 10 s timeout runs; fewer slots leave them
+    # queued on the server instead, at some cost to a burst's first wave (see the README).
+    workflow_task_slots: int = Field(default=100, ge=2, le=1000)
     # host:port for the worker's /healthz and /readyz; unset = off.
     health_bind_address: str | None = Field(default=None, pattern=r"^[\w.-]+:\d{1,5}$")
     # host:port for the worker's Prometheus endpoint (SDK and Mayfly metrics); unset = off.

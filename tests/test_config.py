@@ -64,6 +64,7 @@ def test_env_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         (('repository = "acme/widgets"', 'repository = "acme"'), "github.repository"),
         (('labels = ["self-hosted", "linux", "gpu"]', "labels = []"), "pools.0.labels"),
         (('name = "cpu"', 'name = "gpu"'), "pools"),
+        (("[github]", "workflow_task_slots = 1\n[github]"), "workflow_task_slots"),
     ],
 )
 def test_a_bad_field_is_named(tmp_path: Path, change: tuple[str, str], field: str) -> None:

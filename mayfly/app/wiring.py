@@ -132,6 +132,7 @@ def build_workers(
         # job restarted by the reconciler. There is no release yet to version against.
         workflow_failure_exception_types=[NondeterminismError],
         workflow_runner=WORKFLOW_RUNNER,
+        max_concurrent_workflow_tasks=settings.workflow_task_slots,
         # wait_exit and terminate stay here for refs that name no queue (made before host queues).
         activities=[
             container_activities.spawn,
