@@ -23,7 +23,9 @@ from pathlib import Path
 
 from bench.backlog_bench import sample_rss
 from bench.semaphore_history import read_semaphore_history
+from bench.slot_workers import start_semaphore_process
 from mayfly.app.embedded import EmbeddedStack
+from mayfly.app.roles import WorkerRole
 from mayfly.devserver import local_environment
 from mayfly.process import exit_now
 from simulator.probe import ConcurrencyProbe
@@ -35,10 +37,11 @@ async def run(args: argparse.Namespace) -> bool:
     with tempfile.TemporaryDirectory() as scratch:
         probe = ConcurrencyProbe(Path(scratch) / "probe", args.cap)
         pool = f"j{uuid.uuid4().hex[:8]}"
+        task_queue = f"bench-{uuid.uuid4().hex[:6]}"
         stack = EmbeddedStack(
             env.client,
             state_dir=Path(scratch) / "state",
-            task_queue=f"bench-{uuid.uuid4().hex[:6]}",
+            task_queue=task_queue,
             pool=pool,
             max_runners=args.cap,
             runner_command=probe.command,
@@ -50,11 +53,15 @@ async def run(args: argparse.Namespace) -> bool:
             registration_poll_s=10.0,
             reconcile_min_age_s=120.0,
             semaphore_reap_interval_s=20.0,
+            worker_role=WorkerRole.JOBS if args.semaphores_process else WorkerRole.ALL,
         )
         await stack.start()
+        semaphores = None
+        if args.semaphores_process:
+            semaphores = await start_semaphore_process(env.client, task_queue)
         peak_rss = [0.0, 0.0]
         stop_sampling = asyncio.Event()
-        sampler = asyncio.create_task(sample_rss(peak_rss, None, stop_sampling))
+        sampler = asyncio.create_task(sample_rss(peak_rss, semaphores, stop_sampling))
         try:
             started = time.monotonic()
             job_ids = stack.queue_jobs(args.jobs, duration_s=args.job_seconds)
@@ -75,12 +82,17 @@ async def run(args: argparse.Namespace) -> bool:
                 f"longest workflow task {history.max_task_s * 1000:.0f} ms, "
                 f"harmful task failures {len(history.harmful_task_failures)}"
             )
-            print(f"peak RSS of worker + starter + simulator: {peak_rss[0]:.0f} MB")
+            print(
+                f"peak RSS of worker + starter + simulator: {peak_rss[0]:.0f} MB; "
+                f"of the semaphores' own process: {peak_rss[1]:.0f} MB"
+            )
             ok = served == args.jobs and not violations
             print("PASS" if ok else "FAIL")
         finally:
             stop_sampling.set()
             await stack.stop()
+            if semaphores is not None:
+                await semaphores.stop()
     await env.shutdown()
     return ok
 
@@ -91,6 +103,11 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=20)
     parser.add_argument("--job-seconds", type=float, default=0.5)
     parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument(
+        "--semaphores-process",
+        action="store_true",
+        help="run the semaphores in a process of their own (mayfly worker --role semaphores)",
+    )
     ok = asyncio.run(run(parser.parse_args()))
     sys.stdout.flush()
     # The SDK's runtime threads can abort the interpreter's shutdown; nothing is left to do.

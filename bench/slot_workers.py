@@ -61,6 +61,11 @@ class SemaphoreProcess:
         fields = self._proc("stat").rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            await self.process.wait()
+
 
 @contextlib.asynccontextmanager
 async def slot_workers(
@@ -90,12 +95,13 @@ async def slot_workers(
             await running.enter_async_context(semaphore_worker(client, slots, task_queue))
         child = None
         if layout is Layout.PROCESS:
-            child = SemaphoreProcess(await _start_semaphore_process(client, task_queue))
-            running.push_async_callback(_stop, child.process)
+            child = await start_semaphore_process(client, task_queue)
+            running.push_async_callback(child.stop)
         yield child
 
 
-async def _start_semaphore_process(client: Client, task_queue: str) -> asyncio.subprocess.Process:
+async def start_semaphore_process(client: Client, task_queue: str) -> SemaphoreProcess:
+    """`bench.semaphore_process` for the holders on `task_queue`, once its worker polls."""
     address = client.service_client.config.target_host
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.semaphore_process", address, task_queue, stdout=asyncio.subprocess.PIPE
@@ -105,10 +111,4 @@ async def _start_semaphore_process(client: Client, task_queue: str) -> asyncio.s
         while READY not in (line := (await process.stdout.readline()).decode()):
             if not line:
                 raise RuntimeError(f"the semaphore process exited with {await process.wait()}")
-    return process
-
-
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
-        await process.wait()
+    return SemaphoreProcess(process)
