@@ -25,7 +25,6 @@ from bench.backlog_bench import sample_rss
 from bench.semaphore_history import read_semaphore_history
 from bench.slot_workers import start_semaphore_process
 from mayfly.app.embedded import EmbeddedStack
-from mayfly.app.roles import WorkerRole
 from mayfly.devserver import local_environment
 from mayfly.process import exit_now
 from simulator.probe import ConcurrencyProbe
@@ -53,7 +52,7 @@ async def run(args: argparse.Namespace) -> bool:
             registration_poll_s=10.0,
             reconcile_min_age_s=120.0,
             semaphore_reap_interval_s=20.0,
-            worker_role=WorkerRole.JOBS if args.semaphores_process else WorkerRole.ALL,
+            run_semaphores=not args.semaphores_process,
         )
         await stack.start()
         semaphores = None

@@ -18,7 +18,6 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
-from mayfly.app.roles import WorkerRole
 from mayfly.app.starter import create_starter_app
 from mayfly.app.wiring import build_workers, start_sweeper, sync_warm_pools
 from mayfly.backends import ContainerBackend
@@ -79,8 +78,8 @@ class EmbeddedStack:
         job_deadline_s: float = 24 * 3600.0,
         job_status_check_interval_s: float = 300.0,
         min_idle: int = 0,
-        # `jobs` leaves the semaphores to a process of their own (`mayfly worker --role semaphores`).
-        worker_role: WorkerRole = WorkerRole.ALL,
+        # False leaves the semaphores to a process of their own (`mayfly worker --role semaphores`).
+        run_semaphores: bool = True,
     ) -> None:
         self.client = client
         self._state_dir = state_dir
@@ -126,7 +125,7 @@ class EmbeddedStack:
         self._task_queue = task_queue
         self._reap_interval_s = semaphore_reap_interval_s
         self._run_worker = run_worker
-        self._worker_role = worker_role
+        self._run_semaphores = run_semaphores
         self._secret_key = secret_key
         self._registration_poll_s = registration_poll_s
         self._reconcile_min_age_s = reconcile_min_age_s
@@ -205,7 +204,7 @@ class EmbeddedStack:
             sealer=sealer,
             registration_poll_interval_s=self._registration_poll_s,
             graceful_shutdown_s=5.0,
-            role=self._worker_role,
+            with_semaphores=self._run_semaphores,
         )
         self._worker_tasks = [asyncio.create_task(worker.run()) for worker in self._workers]
         await start_sweeper(self.client, self.settings)

@@ -99,11 +99,11 @@ def build_workers(
     sealer: Sealer,
     registration_poll_interval_s: float = 10.0,
     graceful_shutdown_s: float = 30.0,
-    role: WorkerRole = WorkerRole.ALL,
+    with_semaphores: bool = True,
 ) -> list[Worker]:
     """The main worker (workflows, spawns, slots), one rate-limited GitHub worker per scope, the
     container watchers (this host's queue for local processes, the shared watch queue for the
-    rest) and, unless `role` is `jobs`, the semaphores' worker. `github` holds each scope's client."""
+    rest) and, `with_semaphores`, the semaphores' worker. `github` holds each scope's client."""
     github_activities = GitHubActivities(github, sealer, poll_interval_s=registration_poll_interval_s)
     task_queue = settings.temporal.task_queue
     host_queue = host_task_queue(task_queue, settings.host_id)
@@ -169,7 +169,7 @@ def build_workers(
         for scope, scope_github in settings.github_scopes.items()
     ]
     workers = [main, *github_workers]
-    if role is WorkerRole.ALL:
+    if with_semaphores:
         workers.append(semaphore_worker(client, slot_activities, task_queue, graceful_shutdown_s))
     watchers = [container_activities.wait_exit, container_activities.terminate]
     # A watcher is a poll and a heartbeat per second, but holds its slot for the runner's life.
@@ -354,7 +354,7 @@ async def run_worker(
                 backends=backends,
                 sealer=sealer,
                 graceful_shutdown_s=settings.worker_graceful_shutdown_s,
-                role=role,
+                with_semaphores=role is WorkerRole.ALL,
             )
             # Before this host takes any spawn: slot reclaim must already know the host exists.
             await start_sweeper(client, settings)
