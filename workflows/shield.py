@@ -30,7 +30,10 @@ async def uncancellable(work: Awaitable[T]) -> T:
         # teardown, a release) that its replay cannot produce, wedging it on a
         # non-determinism error, and would act on a runner the evicted workflow's next replay
         # still owns. That replay does the cleanup when it is due.
-        _log.warning("cleanup of an evicted workflow's coroutine skipped: its next replay owns it")
+        _log.warning(
+            "cleanup in %s skipped: its workflow was evicted and its next replay owns it",
+            sys._getframe(1).f_code.co_qualname,
+        )
         if inspect.iscoroutine(work):
             work.close()
         raise GeneratorExit
