@@ -9,6 +9,7 @@ from temporalio import activity
 from temporalio.client import (
     Client,
     RPCTimeoutOrCancelledError,
+    WithStartWorkflowOperation,
     WorkflowExecutionStatus,
     WorkflowQueryFailedError,
     WorkflowQueryRejectedError,
@@ -42,6 +43,30 @@ LOOKUP_TIMEOUT = timedelta(seconds=5)
 SIGNAL_BATCH = 500
 # A flooded semaphore gets at most ten acquire signals a second from each worker.
 ACQUIRE_SIGNAL_GAP_S = 0.1
+
+
+async def send_acquires(
+    client: Client, pool: str, terms: SemaphoreTerms, semaphore_queue: str, requests: list[AcquireRequest]
+) -> None:
+    """Queue `requests` at the pool's semaphore, bringing it to life if it is not running.
+
+    An Update, where a signal would do: the semaphore continues as new every few hundred events,
+    and a signal that lands while that task is in flight voids it (UNHANDLED_COMMAND), which costs
+    a full replay of the run. An Update the closing run has not accepted is retried by the
+    server onto the next run. Returns once the semaphore has queued them.
+    """
+    await client.execute_update_with_start_workflow(
+        "acquire_many",
+        requests,
+        start_workflow_operation=WithStartWorkflowOperation(
+            "SlotSemaphore",
+            SemaphoreInput(pool=pool, capacity=terms.capacity, reap_interval_s=terms.reap_interval_s),
+            id=semaphore_workflow_id(pool),
+            task_queue=semaphore_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            static_summary=f"Slot semaphore for pool {pool}",
+        ),
+    )
 
 
 class SlotActivities:
@@ -95,7 +120,8 @@ class SlotActivities:
 
     async def _send_acquires(self, where: tuple[str, str], requests: list[AcquireRequest]) -> None:
         pool, task_queue = where
-        await self._start_with(pool, task_queue, "acquire_batch", requests)
+        client = self._client or activity.client()
+        await send_acquires(client, pool, self._terms_of(pool), self._semaphore_queue(task_queue), requests)
 
     def _terms_of(self, pool: str) -> SemaphoreTerms:
         terms = self._terms.get(pool)
@@ -118,12 +144,15 @@ class SlotActivities:
             "SlotSemaphore",
             SemaphoreInput(pool=pool, capacity=terms.capacity, reap_interval_s=terms.reap_interval_s),
             id=semaphore_workflow_id(pool),
-            task_queue=semaphore_task_queue(self._task_queue) if self._task_queue else task_queue,
+            task_queue=self._semaphore_queue(task_queue),
             start_signal=signal,
             start_signal_args=[payload],
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             static_summary=f"Slot semaphore for pool {pool}",
         )
+
+    def _semaphore_queue(self, holder_task_queue: str) -> str:
+        return semaphore_task_queue(self._task_queue) if self._task_queue else holder_task_queue
 
     @activity.defn(name="slots.release")
     async def release(self, request: SlotRelease) -> None:
@@ -135,7 +164,7 @@ class SlotActivities:
         assert self._client is not None
         handle = self._client.get_workflow_handle(semaphore_workflow_id(pool))
         try:
-            await handle.signal("release_batch", releases)
+            await handle.execute_update("release_many", releases)
         except RPCError as error:
             if error.status != RPCStatusCode.NOT_FOUND:
                 raise

@@ -142,6 +142,13 @@ async def read_semaphore_history(client: Client, pool: str) -> SemaphoreHistory:
                         if rid not in seen:
                             seen.add(rid)
                             result.acquired.append(rid)
+            elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
+                update = event.workflow_execution_update_accepted_event_attributes.accepted_request.input
+                if update.name == "acquire_many":
+                    for rid in _request_ids(update.args):
+                        if rid not in seen:
+                            seen.add(rid)
+                            result.acquired.append(rid)
             elif kind == EventType.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED:
                 outgoing = event.signal_external_workflow_execution_initiated_event_attributes
                 if outgoing.signal_name == "slot_granted":

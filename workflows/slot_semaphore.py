@@ -1,7 +1,10 @@
 """One SlotSemaphore workflow per pool enforces the pool's concurrency cap.
 
-Acquire, grant and release travel as signals (a workflow cannot send an Update to another
-workflow). Each request has an id, so duplicates are harmless. A holder is recorded before
+Workers' activities send acquires and releases in batches as Updates (`acquire_many`,
+`release_many`): one that arrives while a run continues as new is moved to the next run by
+the server, where a signal would void the run's task. Grants go out as signals, since a workflow
+cannot send an Update to another workflow. The single-request signals stay for rechecks and
+operators. Each request has an id, so duplicates are harmless. A holder is recorded before
 its grant is sent, so the cap counts every slot that might be in use.
 
 Every signal costs O(1) however long the queue (see `mayfly.slot_queue`), and a run continues
@@ -105,6 +108,13 @@ class SlotSemaphoreWorkflow:
         for request in requests:
             self._enqueue(request)
 
+    @workflow.update(name="acquire_many")
+    def acquire_many(self, requests: list[AcquireRequest]) -> None:
+        """`acquire_batch` as an Update, which is how workers send it. A signal that arrives while
+        the run's continue-as-new is in flight voids that task (UNHANDLED_COMMAND) and costs a
+        full replay; an Update the run has not accepted yet is handed to the next run instead."""
+        self.acquire_batch(requests)
+
     def _enqueue(self, request: AcquireRequest) -> None:
         self._dirty = True
         rid = request.request_id
@@ -136,6 +146,11 @@ class SlotSemaphoreWorkflow:
         self._dirty = True
         for request in requests:
             self._forget(request.request_id)
+
+    @workflow.update(name="release_many")
+    def release_many(self, requests: list[ReleaseRequest]) -> None:
+        """`release_batch` as an Update, for the reason `acquire_many` gives."""
+        self.release_batch(requests)
 
     @workflow.signal
     def set_capacity(self, capacity: int) -> None:
