@@ -51,12 +51,11 @@ with workflow.unsafe.imports_passed_through():
 # server's own suggestion (4K events by default) keeps the replay after an eviction short: under
 # a flood of signals a slow replay lets more than 100 signals pile up during one task, which
 # the server answers by failing the task (FORCE_CLOSE_COMMAND) and a longer replay still.
-# Under a steady stream of signals the continue-as-new itself usually fails once (a signal
-# arrives while its task is in flight: UNHANDLED_COMMAND), and the worker then replays the whole
-# run, unpacking the queue it was started with too. With thousands waiting, that replay was the
-# slowest task (1.1-1.4 s at 1,000 events and 10,000 acquirers; 0.96 s at 400), so such a run
-# continues sooner. A short queue keeps long runs: each continue-as-new costs a failed task and
-# a replay, and at 400 events a busy pool's throughput fell from 58 to 40 grants/s.
+# A replay also unpacks the queue the run was started with, so with thousands waiting a run
+# continues sooner (at 10,000 acquirers a replay of 1,000 events took 1.1-1.4 s, of 400 0.96 s,
+# measured when acquires and releases were signals and most continue-as-new tasks were refused
+# and replayed). A short queue keeps long runs: at 400 events a busy pool's throughput fell from
+# 58 to 40 grants/s.
 CONTINUE_AFTER_EVENTS = 1_000
 LONG_QUEUE = 1_000
 CONTINUE_AFTER_EVENTS_WITH_A_LONG_QUEUE = 400
