@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
+from typing import Any
 
 from temporalio import activity
 from temporalio.client import (
@@ -45,28 +48,85 @@ SIGNAL_BATCH = 500
 ACQUIRE_SIGNAL_GAP_S = 0.1
 
 
+_log = logging.getLogger(__name__)
+
+# How long a batch waits for the semaphore to take it as an Update before it goes as a signal.
+# An Update needs the semaphore's worker to accept it; a signal is durable at once, so a pool
+# whose semaphore worker is down or stalled still queues acquires and counts releases, as it
+# did when these were signals. Well inside the activities' 10 s start-to-close timeout.
+UPDATE_WAIT_S = 4.0
+
+
 async def send_acquires(
-    client: Client, pool: str, terms: SemaphoreTerms, semaphore_queue: str, requests: list[AcquireRequest]
+    client: Client,
+    pool: str,
+    terms: SemaphoreTerms,
+    semaphore_queue: str,
+    requests: list[AcquireRequest],
+    *,
+    update_wait_s: float = UPDATE_WAIT_S,
 ) -> None:
     """Queue `requests` at the pool's semaphore, bringing it to life if it is not running.
 
     An Update, where a signal would do: the semaphore continues as new every few hundred events,
     and a signal that lands while that task is in flight voids it (UNHANDLED_COMMAND), which costs
     a full replay of the run. An Update the closing run has not accepted is retried by the
-    server onto the next run. Returns once the semaphore has queued them.
+    server onto the next run. If the semaphore does not take it within `update_wait_s`, the
+    batch goes as a signal (the semaphore ignores a request it already has).
     """
-    await client.execute_update_with_start_workflow(
-        "acquire_many",
-        requests,
-        start_workflow_operation=WithStartWorkflowOperation(
-            "SlotSemaphore",
-            SemaphoreInput(pool=pool, capacity=terms.capacity, reap_interval_s=terms.reap_interval_s),
-            id=semaphore_workflow_id(pool),
-            task_queue=semaphore_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            static_summary=f"Slot semaphore for pool {pool}",
-        ),
+    try:
+        async with asyncio.timeout(update_wait_s):
+            await client.execute_update_with_start_workflow(
+                "acquire_many",
+                requests,
+                start_workflow_operation=WithStartWorkflowOperation(
+                    "SlotSemaphore", **_semaphore_start(pool, terms, semaphore_queue)
+                ),
+            )
+        return
+    except (TimeoutError, RPCTimeoutOrCancelledError):
+        _log.warning("semaphore of %s did not take %d acquires in time; signalling", pool, len(requests))
+    await signal_with_start(client, pool, terms, semaphore_queue, "acquire_batch", requests)
+
+
+async def send_releases(
+    client: Client, pool: str, releases: list[ReleaseRequest], *, update_wait_s: float = UPDATE_WAIT_S
+) -> None:
+    """Give slots back, as `send_acquires` queues them; a semaphore that is gone needs nothing."""
+    handle = client.get_workflow_handle(semaphore_workflow_id(pool))
+    try:
+        try:
+            async with asyncio.timeout(update_wait_s):
+                await handle.execute_update("release_many", releases)
+            return
+        except (TimeoutError, RPCTimeoutOrCancelledError):
+            _log.warning("semaphore of %s did not take %d releases in time; signalling", pool, len(releases))
+        await handle.signal("release_batch", releases)
+    except RPCError as error:
+        if error.status != RPCStatusCode.NOT_FOUND:
+            raise
+
+
+async def signal_with_start(
+    client: Client, pool: str, terms: SemaphoreTerms, semaphore_queue: str, signal: str, payload: object
+) -> None:
+    await client.start_workflow(
+        "SlotSemaphore",
+        start_signal=signal,
+        start_signal_args=[payload],
+        **_semaphore_start(pool, terms, semaphore_queue),
     )
+
+
+def _semaphore_start(pool: str, terms: SemaphoreTerms, semaphore_queue: str) -> dict[str, Any]:
+    """How a pool's semaphore is started by whichever call reaches it first."""
+    return {
+        "arg": SemaphoreInput(pool=pool, capacity=terms.capacity, reap_interval_s=terms.reap_interval_s),
+        "id": semaphore_workflow_id(pool),
+        "task_queue": semaphore_queue,
+        "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
+        "static_summary": f"Slot semaphore for pool {pool}",
+    }
 
 
 class SlotActivities:
@@ -137,18 +197,10 @@ class SlotActivities:
         await self._start_with(request.pool, request.task_queue, signal, payload)
 
     async def _start_with(self, pool: str, task_queue: str, signal: str, payload: object) -> None:
-        terms = self._terms_of(pool)
         # The worker's client, kept from an activity: batches are sent outside any one activity.
         client = self._client or activity.client()
-        await client.start_workflow(
-            "SlotSemaphore",
-            SemaphoreInput(pool=pool, capacity=terms.capacity, reap_interval_s=terms.reap_interval_s),
-            id=semaphore_workflow_id(pool),
-            task_queue=self._semaphore_queue(task_queue),
-            start_signal=signal,
-            start_signal_args=[payload],
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            static_summary=f"Slot semaphore for pool {pool}",
+        await signal_with_start(
+            client, pool, self._terms_of(pool), self._semaphore_queue(task_queue), signal, payload
         )
 
     def _semaphore_queue(self, holder_task_queue: str) -> str:
@@ -162,12 +214,7 @@ class SlotActivities:
 
     async def _send_releases(self, pool: str, releases: list[ReleaseRequest]) -> None:
         assert self._client is not None
-        handle = self._client.get_workflow_handle(semaphore_workflow_id(pool))
-        try:
-            await handle.execute_update("release_many", releases)
-        except RPCError as error:
-            if error.status != RPCStatusCode.NOT_FOUND:
-                raise
+        await send_releases(self._client, pool, releases)
 
     @activity.defn(name="slots.recheck")
     async def recheck(self, check: SlotRecheck) -> RecheckOutcome:

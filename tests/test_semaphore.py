@@ -18,7 +18,7 @@ from temporalio.exceptions import CancelledError
 from temporalio.service import RPCError
 from temporalio.worker import Worker
 
-from activities.slots import SlotActivities, send_acquires
+from activities.slots import SlotActivities, send_acquires, send_releases
 from bench.semaphore_history import read_semaphore_history
 from bench.slot_holder import GrantSinkWorkflow, HolderInput, Ledger, SlotHolderWorkflow
 from mayfly.devserver import temporal_cli
@@ -418,6 +418,38 @@ async def test_thousands_of_waiters_are_granted_in_fifo_across_continue_as_new(
     assert [failure for run in history.runs for failure in run.task_failures] == []
     # Thousands of waiters are carried packed; unpacked they would be ~250 bytes each.
     assert max(run.input_bytes for run in history.runs) < waiters * 100
+
+
+async def test_acquires_and_releases_reach_a_semaphore_whose_worker_is_down(
+    client: Client, task_queue: str, pool_name: str
+) -> None:
+    # Nothing polls the semaphore's queue yet: no Update can be accepted, and a worker waiting
+    # for one would hold its jobs' slot requests for as long as the semaphore's worker is down.
+    down_queue = f"{task_queue}-down"
+    terms = SemaphoreTerms(capacity=0, reap_interval_s=30)
+    requests = [
+        AcquireRequest(
+            request_id=f"{pool_name}-down{i}",
+            holder_workflow_id=f"{pool_name}-nobody",
+            holder_run_id="none",
+            requested_at=datetime.now(UTC),
+        )
+        for i in range(3)
+    ]
+    async with asyncio.timeout(30):
+        await send_acquires(client, pool_name, terms, down_queue, requests, update_wait_s=1)
+        await send_releases(
+            client, pool_name, [ReleaseRequest(request_id=requests[0].request_id)], update_wait_s=1
+        )
+    POOL_TERMS[pool_name] = terms
+    async with Worker(
+        client,
+        task_queue=down_queue,
+        workflows=[SlotSemaphoreWorkflow],
+        activities=SlotActivities({}, POOL_TERMS).for_semaphores(),
+    ):
+        queued = await until_status(client, pool_name, lambda s: s.waiting == 2)
+    assert queued.waiters == [r.request_id for r in requests[1:]], "the released one is not queued"
 
 
 async def test_a_released_slot_is_never_rechecked_again(
