@@ -42,10 +42,10 @@ from mayfly.models import (
 )
 
 LOOKUP_TIMEOUT = timedelta(seconds=5)
-# At most this many acquires or releases a signal (a few hundred bytes each).
-SIGNAL_BATCH = 500
-# A flooded semaphore gets at most ten acquire signals a second from each worker.
-ACQUIRE_SIGNAL_GAP_S = 0.1
+# At most this many acquires or releases a call (a few hundred bytes each).
+BATCH = 500
+# A flooded semaphore gets at most ten acquire batches a second from each worker.
+ACQUIRE_BATCH_GAP_S = 0.1
 
 
 _log = logging.getLogger(__name__)
@@ -143,17 +143,15 @@ class SlotActivities:
         self._task_queue = task_queue
         # Read at every call, so a caller may add pools after construction (tests do).
         self._terms = terms
-        # Thousands of jobs queued within a minute would otherwise send a semaphore a signal
-        # each: a run flooded with signals cannot continue as new (every new event voids the
-        # attempt) and ends at the server's signal limit. Batched, an idle pool pays nothing
-        # and a flooded one gets a few signals a second. Releases are not held back: each
-        # one may free a slot for a waiter.
+        # Thousands of jobs queued within a minute would otherwise send a semaphore a call
+        # each: a flooded run spends its tasks on events, and the server caps signals per run
+        # and Updates in flight per workflow (10). Batched, an idle pool pays nothing and a
+        # flooded one gets a few calls a second from each worker. Releases are not held back:
+        # each one may free a slot for a waiter.
         self._acquires: GroupCommit[tuple[str, str], AcquireRequest] = GroupCommit(
-            self._send_acquires, max_batch=SIGNAL_BATCH, min_gap_s=ACQUIRE_SIGNAL_GAP_S
+            self._send_acquires, max_batch=BATCH, min_gap_s=ACQUIRE_BATCH_GAP_S
         )
-        self._releases: GroupCommit[str, ReleaseRequest] = GroupCommit(
-            self._send_releases, max_batch=SIGNAL_BATCH
-        )
+        self._releases: GroupCommit[str, ReleaseRequest] = GroupCommit(self._send_releases, max_batch=BATCH)
         self._client: Client | None = None
 
     def for_leases(self) -> list[Callable[..., Awaitable[object]]]:
