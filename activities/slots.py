@@ -74,19 +74,15 @@ async def send_acquires(
     server onto the next run. If the semaphore does not take it within `update_wait_s`, the
     batch goes as a signal (the semaphore ignores a request it already has).
     """
-    try:
-        async with asyncio.timeout(update_wait_s):
-            await client.execute_update_with_start_workflow(
-                "acquire_many",
-                requests,
-                start_workflow_operation=WithStartWorkflowOperation(
-                    "SlotSemaphore", **_semaphore_start(pool, terms, semaphore_queue)
-                ),
-            )
-        return
-    except (TimeoutError, RPCTimeoutOrCancelledError):
-        _log.warning("semaphore of %s did not take %d acquires in time; signalling", pool, len(requests))
-    await signal_with_start(client, pool, terms, semaphore_queue, "acquire_batch", requests)
+    update = client.execute_update_with_start_workflow(
+        "acquire_many",
+        requests,
+        start_workflow_operation=WithStartWorkflowOperation(
+            "SlotSemaphore", **_semaphore_start(pool, terms, semaphore_queue)
+        ),
+    )
+    if not await _taken_in_time(update, update_wait_s, f"{len(requests)} acquires for {pool}"):
+        await signal_with_start(client, pool, terms, semaphore_queue, "acquire_batch", requests)
 
 
 async def send_releases(
@@ -95,16 +91,28 @@ async def send_releases(
     """Give slots back, as `send_acquires` queues them; a semaphore that is gone needs nothing."""
     handle = client.get_workflow_handle(semaphore_workflow_id(pool))
     try:
-        try:
-            async with asyncio.timeout(update_wait_s):
-                await handle.execute_update("release_many", releases)
-            return
-        except (TimeoutError, RPCTimeoutOrCancelledError):
-            _log.warning("semaphore of %s did not take %d releases in time; signalling", pool, len(releases))
-        await handle.signal("release_batch", releases)
+        update = handle.execute_update("release_many", releases)
+        if not await _taken_in_time(update, update_wait_s, f"{len(releases)} releases for {pool}"):
+            await handle.signal("release_batch", releases)
     except RPCError as error:
         if error.status != RPCStatusCode.NOT_FOUND:
             raise
+
+
+async def _taken_in_time(update: Awaitable[object], wait_s: float, what: str) -> bool:
+    """False when the semaphore did not take the Update within `wait_s`."""
+    deadline = asyncio.timeout(wait_s)
+    try:
+        async with deadline:
+            await update
+    except (TimeoutError, RPCTimeoutOrCancelledError):
+        # The SDK reports its call cancelled as this error too: only our own deadline means
+        # "send it as a signal"; a cancel of the caller (a worker stopping) must go on up.
+        if not deadline.expired():
+            raise
+        _log.warning("the semaphore did not take %s within %.0f s; sending it as a signal", what, wait_s)
+        return False
+    return True
 
 
 async def signal_with_start(

@@ -92,7 +92,8 @@ async def read_semaphore_history(client: Client, pool: str) -> SemaphoreHistory:
     executions = [e async for e in client.list_workflows(f"WorkflowId = '{workflow_id}'")]
     executions.sort(key=lambda e: e.start_time)
     result = SemaphoreHistory()
-    seen: set[str] = set()
+    # Every acquire as the semaphore received it; a resent one counts at its first arrival.
+    acquired: list[str] = []
     for execution in executions:
         handle = client.get_workflow_handle(workflow_id, run_id=execution.run_id)
         description = await handle.describe()
@@ -138,20 +139,15 @@ async def read_semaphore_history(client: Client, pool: str) -> SemaphoreHistory:
             elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
                 attributes = event.workflow_execution_signaled_event_attributes
                 if attributes.signal_name in ("acquire", "acquire_batch"):
-                    for rid in _request_ids(attributes.input):
-                        if rid not in seen:
-                            seen.add(rid)
-                            result.acquired.append(rid)
+                    acquired.extend(_request_ids(attributes.input))
             elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
                 update = event.workflow_execution_update_accepted_event_attributes.accepted_request.input
                 if update.name == "acquire_many":
-                    for rid in _request_ids(update.args):
-                        if rid not in seen:
-                            seen.add(rid)
-                            result.acquired.append(rid)
+                    acquired.extend(_request_ids(update.args))
             elif kind == EventType.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED:
                 outgoing = event.signal_external_workflow_execution_initiated_event_attributes
                 if outgoing.signal_name == "slot_granted":
                     result.granted.append(_request_id(outgoing.input))
         result.runs.append(run)
+    result.acquired = list(dict.fromkeys(acquired))
     return result
